@@ -1,0 +1,5 @@
+import sys
+
+from bnserve.cli import main
+
+sys.exit(main())

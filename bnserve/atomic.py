@@ -1,0 +1,41 @@
+"""Write output files all at once or not at all: a temporary file in the same folder, renamed into
+place only when complete (shared by every stage, so no command leaves a half-written file)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from bnserve.errors import UsageError
+
+
+def check_output_path(path: str | os.PathLike[str]) -> Path:
+    """Refuse an output path that is a directory (before any work is done)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path}: is a directory; give a file path for the output")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yields a temporary path next to `path`; renames it onto `path` if the block succeeds and
+    deletes it otherwise."""
+    path = check_output_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

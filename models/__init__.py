@@ -1,0 +1,1 @@
+"""Stage 1: the batch-normalized MLP in numpy, its trainer and its checkpoint file."""

@@ -1,0 +1,242 @@
+"""Loading and validating data sets: CSV with a header, `.npz` with `X` and `y`, or `sklearn:NAME`.
+
+Every problem raises `DataError` with the file and, where it applies, the row and column, so the CLI
+can print it and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bnserve.errors import DataError
+
+BUNDLED = ("digits", "iris", "wine", "breast_cancer")
+
+
+@dataclass
+class Dataset:
+    X: np.ndarray  # [n, F] float64
+    y: np.ndarray  # [n] int64 class indices into class_names
+    class_names: list[str]
+    feature_names: list[str]
+    source: str
+
+    @property
+    def n_features(self) -> int:
+        return self.X.shape[1]
+
+
+def load_dataset(source: str, label: str | None = None) -> Dataset:
+    """Load `source` and check it is usable for training (finite numbers, at least two classes)."""
+    X, labels, feature_names = load_raw(source, label)
+    class_names, y = _encode_labels(labels)
+    if len(class_names) < 2:
+        raise DataError(f"{source}: only one class ({class_names[0]!r}); need at least two")
+    return Dataset(X, y, class_names, feature_names, source)
+
+
+def load_raw(
+    source: str,
+    label: str | None,
+    require_label: bool = True,
+) -> tuple[np.ndarray, list[str], list[str]]:
+    """Returns `(X, labels as strings, feature names)`."""
+    if source.startswith("sklearn:"):
+        return _load_bundled(source)
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"{source}: no such file")
+    if path.is_dir():
+        raise DataError(f"{source}: is a directory, expected a .csv or .npz file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{source}: the file is empty")
+    if path.suffix.lower() == ".npz":
+        return _load_npz(path, require_label)
+    return _load_csv(path, label, require_label)
+
+
+def _load_bundled(source: str) -> tuple[np.ndarray, list[str], list[str]]:
+    name = source.split(":", 1)[1]
+    if name not in BUNDLED:
+        raise DataError(
+            f"{source}: unknown bundled data set; expected one of sklearn:"
+            + ", sklearn:".join(BUNDLED)
+        )
+    try:
+        from sklearn import datasets
+    except ImportError as e:
+        raise DataError(
+            f"{source}: bundled data sets need scikit-learn: pip install 'bnserve[train]'"
+        ) from e
+    bunch = getattr(datasets, f"load_{name}")()
+    X = np.asarray(bunch.data, dtype=np.float64)
+    target_names = getattr(bunch, "target_names", None)
+    if target_names is not None and len(target_names) == len(np.unique(bunch.target)):
+        labels = [str(target_names[t]) for t in bunch.target]
+    else:
+        labels = [str(t) for t in bunch.target]
+    feature_names = [str(f) for f in getattr(bunch, "feature_names", [])]
+    if len(feature_names) != X.shape[1]:
+        feature_names = [f"x{i}" for i in range(X.shape[1])]
+    return X, labels, feature_names
+
+
+def _load_npz(path: Path, require_label: bool) -> tuple[np.ndarray, list[str], list[str]]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if "X" not in npz.files:
+                raise DataError(
+                    f"{path}: no array 'X' in the .npz (it has: {', '.join(npz.files)})"
+                )
+            X = npz["X"]
+            y = npz["y"] if "y" in npz.files else None
+            names = [str(n) for n in npz["feature_names"]] if "feature_names" in npz.files else None
+    except DataError:
+        raise
+    except Exception as e:  # numpy raises many kinds for a damaged zip
+        raise DataError(f"{path}: cannot read as .npz ({e})") from e
+    if require_label and y is None:
+        raise DataError(f"{path}: no array 'y' (labels) in the .npz")
+    if X.ndim != 2:
+        raise DataError(f"{path}: X must be 2-D [rows, features], got shape {X.shape}")
+    if X.shape[0] == 0:
+        raise DataError(f"{path}: X has no rows")
+    try:
+        X = X.astype(np.float64)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{path}: X is not numeric ({X.dtype})") from e
+    _check_finite(X, str(path), row_offset=0)
+    labels: list[str] = []
+    if y is not None:
+        if y.ndim != 1 or y.shape[0] != X.shape[0]:
+            raise DataError(f"{path}: y must be 1-D with {X.shape[0]} entries, got shape {y.shape}")
+        labels = [_label_text(v) for v in y.tolist()]
+    names = names or [f"x{i}" for i in range(X.shape[1])]
+    if len(names) != X.shape[1]:
+        raise DataError(f"{path}: {len(names)} feature names for {X.shape[1]} columns")
+    return X, labels, names
+
+
+def _label_text(v: object) -> str:
+    # 1.0 and 1 are the same class; keep integral floats as integers
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
+
+
+def _load_csv(
+    path: Path, label: str | None, require_label: bool
+) -> tuple[np.ndarray, list[str], list[str]]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not a UTF-8 text CSV file ({e})") from e
+    rows = [r for r in rows if any(cell.strip() for cell in r)]
+    if not rows:
+        raise DataError(f"{path}: the file is empty")
+    header = [h.strip() for h in rows[0]]
+    body = rows[1:]
+    if not body:
+        raise DataError(f"{path}: only a header row, no data")
+    if len(set(header)) != len(header):
+        raise DataError(f"{path}: duplicate column names in the header")
+    label_col = None
+    if label is not None:
+        if label not in header:
+            raise DataError(
+                f"{path}: label column {label!r} not found; columns are: {', '.join(header)}"
+            )
+        label_col = header.index(label)
+    elif require_label:
+        label_col = len(header) - 1
+    feature_cols = [i for i in range(len(header)) if i != label_col]
+    if not feature_cols:
+        raise DataError(f"{path}: no feature columns")
+    X = np.empty((len(body), len(feature_cols)), dtype=np.float64)
+    labels: list[str] = []
+    for r, row in enumerate(body):
+        line = r + 2  # 1-based, after the header
+        if len(row) != len(header):
+            raise DataError(
+                f"{path}: row {line} has {len(row)} fields, expected {len(header)} (ragged row)"
+            )
+        for j, col in enumerate(feature_cols):
+            cell = row[col].strip()
+            try:
+                value = float(cell)
+            except ValueError:
+                raise DataError(
+                    f"{path}: row {line}, column {header[col]!r}: {cell!r} is not a number"
+                ) from None
+            if not math.isfinite(value):
+                raise DataError(
+                    f"{path}: row {line}, column {header[col]!r}: {cell!r} is not a finite number"
+                )
+            X[r, j] = value
+        if label_col is not None:
+            labels.append(row[label_col].strip())
+    return X, labels, [header[c] for c in feature_cols]
+
+
+def _check_finite(X: np.ndarray, where: str, row_offset: int) -> None:
+    bad = np.argwhere(~np.isfinite(X))
+    if bad.size:
+        r, c = bad[0]
+        raise DataError(
+            f"{where}: row {r + row_offset}, column {c}: {X[r, c]} is not a finite number"
+        )
+
+
+def _encode_labels(labels: list[str]) -> tuple[list[str], np.ndarray]:
+    """Class names sorted (numerically when they all are numbers) and the index of each label."""
+    unique = set(labels)
+    try:
+        class_names = sorted(unique, key=float)
+    except ValueError:
+        class_names = sorted(unique)
+    index = {c: i for i, c in enumerate(class_names)}
+    return class_names, np.array([index[v] for v in labels], dtype=np.int64)
+
+
+def encode_with(classes: list[str], labels: list[str], source: str) -> np.ndarray:
+    """Encode `labels` with an existing class list (a test file must not bring new classes)."""
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(labels) - index.keys())
+    if unknown:
+        raise DataError(f"{source}: labels not seen in training: {', '.join(unknown[:5])}")
+    return np.array([index[v] for v in labels], dtype=np.int64)
+
+
+def fingerprint(X: np.ndarray, y: np.ndarray, class_names: list[str]) -> str:
+    """sha256 of the training data as the model saw it (values, labels, class names)."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(X, dtype=np.float64).tobytes())
+    h.update(np.ascontiguousarray(y, dtype=np.int64).tobytes())
+    h.update("\x1f".join(class_names).encode())
+    return h.hexdigest()
+
+
+def stratified_split(
+    y: np.ndarray, fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices `(rest, held_out)` with about `fraction` of each class held out (at least one each
+    where the class has two or more examples)."""
+    if fraction <= 0:
+        return np.arange(len(y)), np.array([], dtype=np.int64)
+    held: list[np.ndarray] = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        idx = idx[rng.permutation(len(idx))]
+        k = round(fraction * len(idx))
+        k = min(max(k, 1), len(idx) - 1) if len(idx) >= 2 else 0
+        held.append(idx[:k])
+    held_idx = np.sort(np.concatenate(held))
+    rest = np.setdiff1d(np.arange(len(y)), held_idx)
+    return rest, held_idx

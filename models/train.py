@@ -1,0 +1,308 @@
+"""The training loop: splits, standardization, mini-batches, early stopping, test-time statistics.
+
+`train(config)` is the whole job as a function: it returns the checkpoint, the per-epoch history and
+the final metrics; the CLI only parses options and writes files.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+
+from bnserve.errors import DataError
+from models import layers
+from models.checkpoint import Checkpoint
+from models.data import Dataset, encode_with, fingerprint, load_dataset, load_raw, stratified_split
+from models.network import (
+    NetworkSpec,
+    Params,
+    hidden_forward_eval,
+    init_params,
+    logits_eval,
+    loss_and_grads,
+)
+from models.optim import make_optimizer, scheduled_lr
+
+DTYPES = {"float64": np.float64, "float32": np.float32}
+
+
+@dataclass
+class TrainConfig:
+    """Every option of `bnserve train` (a `--config` JSON file holds the same keys)."""
+
+    hidden: tuple[int, ...] = (100, 100, 100)
+    activation: str = "relu"
+    bn: str = "before"
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_schedule: str = "none"
+    lr_decay: float = 0.0
+    batch_size: int = 64
+    epochs: int = 50
+    dropout: float = 0.0
+    bn_momentum: float = 0.1
+    bn_eps: float = 1e-5
+    leaky_slope: float = 0.01
+    population_stats: bool = False
+    test: str | None = None
+    test_split: float = 0.2
+    val_split: float = 0.1
+    patience: int = 10
+    seed: int = 0
+    dtype: str = "float64"
+    label: str | None = None
+
+    def __post_init__(self) -> None:
+        self.hidden = tuple(int(w) for w in self.hidden)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not 0 <= self.test_split < 1 or not 0 <= self.val_split < 1:
+            raise ValueError("--test-split and --val-split must be fractions in [0, 1)")
+        if self.batch_size < 2:
+            raise ValueError("--batch-size must be at least 2 (BN needs two examples per batch)")
+        if self.epochs < 1 or self.patience < 1:
+            raise ValueError("--epochs and --patience must be at least 1")
+        if self.lr <= 0:
+            raise ValueError("--lr must be positive")
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+
+@dataclass
+class Splits:
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_val: np.ndarray
+    y_val: np.ndarray
+    X_test: np.ndarray | None
+    y_test: np.ndarray | None
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Checkpoint
+    history: list[dict[str, float]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def split_data(data: Dataset, config: TrainConfig, rng: np.random.Generator) -> Splits:
+    """Test part (a separate file or a stratified fraction), then validation from the rest."""
+    X, y = data.X, data.y
+    if config.test:
+        X_test, test_labels, test_names = load_raw(config.test, config.label)
+        if test_names != data.feature_names:
+            raise DataError(
+                f"{config.test}: columns differ from the training data "
+                f"(expected {data.feature_names}, got {test_names})"
+            )
+        y_test = encode_with(data.class_names, test_labels, config.test)
+    elif config.test_split > 0:
+        rest, held = stratified_split(y, config.test_split, rng)
+        X_test, y_test = X[held], y[held]
+        X, y = X[rest], y[rest]
+    else:
+        X_test = y_test = None
+    rest, held = stratified_split(y, config.val_split, rng)
+    return Splits(X[rest], y[rest], X[held], y[held], X_test, y_test)
+
+
+def standardization(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and std of the training data; a constant feature gets std 1."""
+    mean = X.mean(axis=0)
+    std = X.std(axis=0)
+    constant = std <= 1e-12 * np.maximum(1.0, np.abs(mean))
+    std[constant] = 1.0
+    return mean, std
+
+
+def minibatches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """A fresh permutation cut into batches; a final batch of one example joins the previous one
+    (BN in training mode is undefined for one example)."""
+    order = rng.permutation(n)
+    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2] = np.concatenate([batches[-2], batches.pop()])
+    return batches
+
+
+def evaluate(
+    spec: NetworkSpec, params: Params, X: np.ndarray, y: np.ndarray, stats: str = "running"
+) -> tuple[float, float]:
+    """Inference-mode `(loss, accuracy)` on raw features."""
+    if len(y) == 0:
+        return math.nan, math.nan
+    logits = logits_eval(spec, params, X, stats)
+    logp = layers.log_softmax(logits)
+    loss = -float(logp[np.arange(len(y)), y].mean())
+    return loss, float((logits.argmax(axis=1) == y).mean())
+
+
+def population_statistics(spec: NetworkSpec, params: Params, X_std: np.ndarray) -> Params:
+    """Exact mean and (biased) variance of each BN layer's input over the whole training set,
+    layer by layer, with the layers before it in inference mode using the population statistics
+    already computed. Returns the `hidden.{i}.population_*` arrays."""
+    out: Params = {}
+    work = dict(params)
+    a = X_std
+    for i in range(len(spec.hidden)):
+        p = f"hidden.{i}."
+        z, _ = layers.linear_forward(a, params[p + "W"], params.get(p + "b"))
+        bn_input = (
+            z
+            if spec.bn == "before"
+            else layers.activation_eval(z, spec.activation, spec.leaky_slope)
+        )
+        out[p + "population_mean"] = bn_input.mean(axis=0)
+        out[p + "population_var"] = bn_input.var(axis=0)
+        work.update({k: v for k, v in out.items() if k.startswith(p)})
+        a = hidden_forward_eval(spec, work, a, i, "population")
+    return out
+
+
+def train(
+    config: TrainConfig,
+    data: Dataset | str,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train a network on `data` (a Dataset or a source string) and return its checkpoint."""
+    started = time.perf_counter()
+    if isinstance(data, str):
+        data = load_dataset(data, config.label)
+    dtype = DTYPES[config.dtype]
+    seeds = np.random.SeedSequence(config.seed).spawn(4)
+    split_rng, init_rng, shuffle_rng, dropout_rng = (np.random.default_rng(s) for s in seeds)
+    splits = split_data(data, config, split_rng)
+    n = len(splits.y_train)
+    if n < 2:
+        raise DataError(f"{data.source}: {n} training example(s) left after the splits; need >= 2")
+
+    spec = NetworkSpec(
+        n_features=data.n_features,
+        n_classes=len(data.class_names),
+        hidden=config.hidden,
+        activation=config.activation,
+        bn=config.bn,
+        dropout=config.dropout,
+        leaky_slope=config.leaky_slope,
+        bn_eps=config.bn_eps,
+        bn_momentum=config.bn_momentum,
+    )
+    params = init_params(spec, init_rng, dtype)
+    mean, std = standardization(splits.X_train)
+    params["input.mean"], params["input.std"] = mean, std
+    X_train = ((splits.X_train - mean) / std).astype(dtype)
+    optimizer = make_optimizer(
+        config.optimizer, config.beta1, config.beta2, config.momentum, config.weight_decay
+    )
+    has_val = len(splits.y_val) > 0
+    best_loss, best_params, best_epoch, stale = math.inf, None, 0, 0
+    history: list[dict[str, float]] = []
+    diverged = False
+
+    for epoch in range(config.epochs):
+        t0 = time.perf_counter()
+        lr = scheduled_lr(config.lr, epoch, config.lr_schedule, config.lr_decay)
+        loss_sum = correct = 0.0
+        for batch in minibatches(n, config.batch_size, shuffle_rng):
+            loss, grads, logits = loss_and_grads(
+                spec, params, X_train[batch], splits.y_train[batch], dropout_rng
+            )
+            optimizer.step(params, grads, lr)
+            loss_sum += loss * len(batch)
+            correct += float((logits.argmax(axis=1) == splits.y_train[batch]).sum())
+        row = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": loss_sum / n,
+            "train_accuracy": correct / n,
+        }
+        val_loss, val_acc = evaluate(spec, params, splits.X_val, splits.y_val)
+        row.update(val_loss=val_loss, val_accuracy=val_acc, seconds=time.perf_counter() - t0)
+        history.append(row)
+        if on_epoch:
+            on_epoch(row)
+        if not math.isfinite(row["train_loss"]) or not np.isfinite(params["output.W"]).all():
+            diverged = True  # keep the best weights seen so far; never save NaNs
+            break
+        if has_val:
+            if val_loss < best_loss:
+                best_loss, best_epoch, stale = val_loss, epoch + 1, 0
+                best_params = {k: v.copy() for k, v in params.items()}
+            else:
+                stale += 1
+                if stale >= config.patience:
+                    break
+    if best_params is not None:
+        params = best_params
+    elif diverged:
+        raise DataError(
+            f"training diverged in epoch {len(history)} (loss is not finite) before any usable "
+            f"weights; lower --lr (now {config.lr})"
+        )
+    else:
+        best_epoch = len(history)
+
+    stats_default = "running"
+    if config.population_stats and spec.has_bn:
+        params.update(population_statistics(spec, params, X_train))
+        stats_default = "population"
+
+    metrics = _final_metrics(spec, params, splits, stats_default)
+    metrics.update(
+        epochs=len(history),
+        best_epoch=best_epoch,
+        diverged=diverged,
+        stats=stats_default,
+        seconds=round(time.perf_counter() - started, 3),
+        n_train=n,
+        n_val=len(splits.y_val),
+        n_test=0 if splits.y_test is None else len(splits.y_test),
+    )
+    checkpoint = Checkpoint(
+        spec=spec,
+        params=params,
+        class_names=data.class_names,
+        feature_names=data.feature_names,
+        stats_default=stats_default,
+        config=config.to_json() | {"data": data.source},
+        data_fingerprint=fingerprint(data.X, data.y, data.class_names),
+        metrics=metrics,
+    )
+    return TrainResult(checkpoint, history, metrics)
+
+
+def _final_metrics(
+    spec: NetworkSpec, params: Params, splits: Splits, stats: str
+) -> dict[str, float | None]:
+    def pair(X: np.ndarray | None, y: np.ndarray | None) -> tuple[float | None, float | None]:
+        if y is None or len(y) == 0:
+            return None, None
+        return evaluate(spec, params, X, y, stats)
+
+    train_loss, train_acc = pair(splits.X_train, splits.y_train)
+    val_loss, val_acc = pair(splits.X_val, splits.y_val)
+    test_loss, test_acc = pair(splits.X_test, splits.y_test)
+    return {
+        "train_loss": train_loss,
+        "train_accuracy": train_acc,
+        "val_loss": val_loss,
+        "val_accuracy": val_acc,
+        "test_loss": test_loss,
+        "test_accuracy": test_acc,
+    }
