@@ -18,7 +18,9 @@ def _int_list(text: str) -> tuple[int, ...]:
     try:
         widths = tuple(int(w) for w in text.split(",") if w.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
     if not widths or any(w < 1 for w in widths):
         raise argparse.ArgumentTypeError(f"expected positive layer widths, got {text!r}")
     return widths
@@ -34,7 +36,10 @@ class _Parser(argparse.ArgumentParser):
 def train_parser() -> argparse.ArgumentParser:
     # Every option defaults to None so that a --config file can fill what the command line omits.
     p = _Parser(prog="bnserve train", description="Train a batch-normalized MLP in numpy.")
-    p.add_argument("data", help="CSV with a header, .npz with X and y, or sklearn:digits|iris|wine|breast_cancer")
+    p.add_argument(
+        "data",
+        help="CSV with a header, .npz with X and y, or sklearn:digits|iris|wine|breast_cancer",
+    )
     p.add_argument("--out", required=True, help="output folder (checkpoint.npz, metrics.json, ...)")
     p.add_argument("--config", help="JSON file with the same options (command line wins)")
     a = p.add_argument
@@ -54,7 +59,12 @@ def train_parser() -> argparse.ArgumentParser:
     a("--dropout", type=float, help="inverted dropout probability (default 0)")
     a("--bn-momentum", type=float, help="weight of the new batch in running stats (default 0.1)")
     a("--bn-eps", type=float, help="BN epsilon (default 1e-5)")
-    a("--population-stats", action="store_true", default=None, help="also compute exact population statistics and make them the default")
+    a(
+        "--population-stats",
+        action="store_true",
+        default=None,
+        help="also compute exact population statistics and make them the default",
+    )
     test = p.add_mutually_exclusive_group()
     test.add_argument("--test", help="separate held-out file in the same format")
     test.add_argument("--test-split", type=float, help="stratified held-out fraction (default 0.2)")
@@ -133,8 +143,11 @@ def train_main(argv: list[str]) -> int:
     bar = tqdm(total=config.epochs, desc="training", unit="epoch", disable=not show)
 
     def on_epoch(row: dict[str, float]) -> None:
-        bar.set_postfix(loss=f"{row['train_loss']:.4f}", acc=f"{row['train_accuracy']:.3f}",
-                        val_acc=f"{row['val_accuracy']:.3f}")
+        bar.set_postfix(
+            loss=f"{row['train_loss']:.4f}",
+            acc=f"{row['train_accuracy']:.3f}",
+            val_acc=f"{row['val_accuracy']:.3f}",
+        )
         bar.update(1)
 
     try:

@@ -137,7 +137,8 @@ def minibatches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.nd
     order = rng.permutation(n)
     batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
     if len(batches) > 1 and len(batches[-1]) == 1:
-        batches[-2] = np.concatenate([batches[-2], batches.pop()])
+        last = batches.pop()
+        batches[-1] = np.concatenate([batches[-1], last])
     return batches
 
 
