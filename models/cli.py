@@ -11,7 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from bnserve.atomic import write_text_atomic
-from bnserve.errors import UsageError, require_extra
+from bnserve.errors import BnserveError, UsageError, require_extra
+
+
+class TrainingDiverged(BnserveError):
+    exit_code = 1
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -154,6 +158,12 @@ def train_main(argv: list[str]) -> int:
         result = train(config, args.data, on_epoch)
     finally:
         bar.close()
+    if result.metrics["diverged"] and result.metrics["best_epoch"] == 0:
+        raise TrainingDiverged(
+            f"training diverged in epoch {result.metrics['epochs']} before any usable weights "
+            f"(loss {result.history[-1]['train_loss']:.3g}); lower --lr (now {config.lr:g}); "
+            "nothing was written"
+        )
     out.mkdir(parents=True, exist_ok=True)
     save_checkpoint(result.checkpoint, out / "checkpoint.npz")
     write_text_atomic(out / "metrics.json", json.dumps(result.metrics, indent=2) + "\n")
@@ -175,3 +185,272 @@ def summary_line(m: dict[str, Any], path: Path) -> str:
         f"{m['epochs']} epochs (best {m['best_epoch']}){stopped}, {m['seconds']:.1f} s, "
         f"{m['stats']} statistics -> {path}"
     )
+
+
+# --- evaluate -----------------------------------------------------------------------------------
+
+
+def evaluate_main(argv: list[str]) -> int:
+    p = _Parser(prog="bnserve evaluate", description="Evaluate a checkpoint on a data set.")
+    p.add_argument("checkpoint", help="checkpoint.npz written by bnserve train")
+    p.add_argument("data", help="CSV (columns matched by feature name), .npz or sklearn:NAME")
+    p.add_argument("--label", help="label column of a CSV (default the last)")
+    p.add_argument("--stats", choices=["running", "population"], help="default: the checkpoint's")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--plot", help="write the confusion matrix as a PNG")
+    args = p.parse_args(argv)
+    from models.checkpoint import load_checkpoint
+    from models.data import load_for_model
+    from models.metrics import classification_report, format_report
+
+    ckpt = load_checkpoint(args.checkpoint)
+    X, y = load_for_model(args.data, ckpt.feature_names, ckpt.class_names, args.label)
+    stats = ckpt.resolve_stats(args.stats)
+    report = classification_report(y, ckpt.predict_proba(X, stats), ckpt.class_names)
+    report["stats"] = stats
+    if args.plot:
+        require_extra("matplotlib", "train", "evaluate --plot")
+        from models.plots import plot_confusion
+
+        plot_confusion(report, args.plot)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+# --- tune ---------------------------------------------------------------------------------------
+
+
+def _range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected LOW,HIGH (e.g. 1e-4,0.1), got {text!r}"
+        ) from None
+    if not 0 < lo < hi:
+        raise argparse.ArgumentTypeError(f"expected 0 < LOW < HIGH, got {text!r}")
+    return lo, hi
+
+
+def _str_list(choices: tuple[str, ...]):
+    def parse(text: str) -> tuple[str, ...]:
+        values = tuple(v.strip() for v in text.split(",") if v.strip())
+        bad = [v for v in values if v not in choices]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(
+                f"expected a list of {', '.join(choices)}, got {text!r}"
+            )
+        return values
+
+    return parse
+
+
+def _study_options(p: argparse.ArgumentParser, epochs: int) -> None:
+    """Options shared by tune and compare: what is held fixed while the study varies the rest."""
+    p.add_argument("data", help="CSV with a header, .npz with X and y, or sklearn:NAME")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--activation", default="relu", choices=["relu", "leaky_relu", "tanh", "sigmoid"]
+    )
+    p.add_argument("--optimizer", default="adam", choices=["sgd", "momentum", "rmsprop", "adam"])
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, help="parallel processes (default: the number of cores)")
+    p.add_argument("--test-split", type=float, default=0.2)
+    p.add_argument("--val-split", type=float, default=0.1)
+    p.add_argument("--label", help="label column of a CSV (default the last)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def tune_main(argv: list[str]) -> int:
+    for module in ("tqdm", "matplotlib", "threadpoolctl"):
+        require_extra(module, "train", "tune")
+    import math
+    import os
+
+    from tqdm import tqdm
+
+    from models.data import load_dataset
+    from models.plots import plot_search
+    from models.tune import SearchSpace, search, write_best
+
+    p = _Parser(prog="bnserve tune", description="Random hyperparameter search, coarse to fine.")
+    _study_options(p, epochs=30)
+    p.add_argument("--trials", type=int, default=40, help="trials over all rounds")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument(
+        "--keep",
+        type=float,
+        default=0.25,
+        help="fraction of best trials the next box is shrunk around",
+    )
+    p.add_argument("--patience", type=int, default=5)
+    p.add_argument("--resume", action="store_true", help="continue the search in --out")
+    d = SearchSpace()
+    p.add_argument(
+        "--lr-range",
+        type=_range,
+        default=(10 ** d.lr_log10[0], 10 ** d.lr_log10[1]),
+        help="sampled log-uniformly (default 1e-4,0.1)",
+    )
+    p.add_argument(
+        "--one-minus-beta1-range",
+        type=_range,
+        default=(1e-3, 1e-1),
+        help="1-beta1 sampled log-uniformly (default 1e-3,0.1: beta1 0.9..0.999)",
+    )
+    p.add_argument("--weight-decay-range", type=_range, default=(1e-6, 1e-2))
+    p.add_argument(
+        "--widths", type=_int_list, default=d.widths, help="hidden widths to choose from"
+    )
+    p.add_argument("--depths", type=_int_list, default=d.depths, help="numbers of hidden layers")
+    p.add_argument("--batch-sizes", type=_int_list, default=d.batch_sizes)
+    p.add_argument(
+        "--placements", type=_str_list(("before", "after", "none")), default=d.placements
+    )
+    args = p.parse_args(argv)
+    if not 0 < args.keep <= 1:
+        raise UsageError("--keep must be a fraction in (0, 1]")
+    load_dataset(args.data, args.label)  # bad data fails here, before any process starts
+    space = SearchSpace(
+        lr_log10=tuple(math.log10(v) for v in args.lr_range),
+        one_minus_beta1_log10=tuple(math.log10(v) for v in args.one_minus_beta1_range),
+        weight_decay_log10=tuple(math.log10(v) for v in args.weight_decay_range),
+        widths=args.widths,
+        depths=args.depths,
+        batch_sizes=args.batch_sizes,
+        placements=args.placements,
+    )
+    base = {
+        "activation": args.activation,
+        "optimizer": args.optimizer,
+        "epochs": args.epochs,
+        "patience": args.patience,
+        "test_split": args.test_split,
+        "val_split": args.val_split,
+        "label": args.label,
+        "split_seed": args.seed,
+    }
+    out = Path(args.out)
+    show = not args.quiet and sys.stderr.isatty()
+    bar = tqdm(total=args.trials, desc="tuning", unit="trial", disable=not show)
+
+    def on_trial(row: dict[str, Any], best: dict[str, Any] | None) -> None:
+        if best:
+            bar.set_postfix(best_val_acc=f"{best['val_accuracy']:.4f}", best_lr=f"{best['lr']:.2g}")
+        bar.update(1)
+
+    try:
+        result = search(
+            args.data, out, base, space, args.trials, args.rounds, args.jobs or os.cpu_count(),
+            args.seed, args.keep, args.resume, on_trial,
+        )  # fmt: skip
+    finally:
+        bar.close()
+    if result.best is None:
+        raise UsageError(f"no trial finished successfully; see {out / 'trials.csv'}")
+    write_best(out / "best.json", base, result.best, space)
+    plot_search(result.rows, out / "search.png")
+    b = result.best
+    print(
+        f"best of {len(result.rows)} trials: val accuracy {b['val_accuracy']:.4f} with lr {b['lr']:.3g}, "
+        f"beta1 {b['beta1']:.4f}, hidden {'x'.join(map(str, b['hidden']))}, batch {b['batch_size']}, "
+        f"BN {b['bn']}, weight decay {b['weight_decay']:.2g} -> {out / 'best.json'}"
+    )
+    return 0
+
+
+# --- compare ------------------------------------------------------------------------------------
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+def compare_main(argv: list[str]) -> int:
+    for module in ("tqdm", "matplotlib", "threadpoolctl"):
+        require_extra(module, "train", "compare")
+    import os
+
+    from tqdm import tqdm
+
+    from models.compare import compare
+    from models.data import load_dataset
+    from models.plots import plot_compare
+    from models.train import TrainConfig
+
+    p = _Parser(
+        prog="bnserve compare",
+        description="Train with BN before, after and none at several learning rates.",
+    )
+    _study_options(p, epochs=30)
+    p.set_defaults(activation="sigmoid", optimizer="sgd")
+    p.add_argument(
+        "--lr",
+        type=_float_list,
+        default=[0.03, 0.3, 3.0],
+        help="learning rates (default 0.03,0.3,3)",
+    )
+    p.add_argument("--hidden", type=_int_list, default=(100, 100, 100))
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--target", type=float, default=0.9, help="validation accuracy for 'epochs to target'"
+    )
+    args = p.parse_args(argv)
+    data = load_dataset(args.data, args.label)
+    try:
+        base = TrainConfig(
+            hidden=args.hidden, activation=args.activation, optimizer=args.optimizer,
+            epochs=args.epochs, patience=args.epochs, batch_size=args.batch_size, seed=args.seed,
+            test_split=args.test_split, val_split=args.val_split, label=args.label,
+        )  # fmt: skip
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    out = Path(args.out)
+    show = not args.quiet and sys.stderr.isatty()
+    bar = tqdm(total=3 * len(args.lr), desc="comparing", unit="run", disable=not show)
+    try:
+        rows = compare(
+            data,
+            base,
+            args.lr,
+            args.target,
+            args.jobs or os.cpu_count() or 1,
+            lambda: bar.update(1),
+        )
+    finally:
+        bar.close()
+    fields = [
+        "lr",
+        "bn",
+        "test_accuracy",
+        "val_accuracy",
+        "final_train_loss",
+        "epochs_to_target",
+        "diverged",
+    ]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "compare.csv", buf.getvalue())
+    plot_compare(rows, out / "compare.png")
+    print(
+        f"{'lr':>8} {'BN':>7} {'test acc':>9} {'final loss':>11} {f'epochs to {args.target:g}':>16}"
+    )
+    for r in rows:
+        reach = "never" if r["epochs_to_target"] is None else str(r["epochs_to_target"])
+        print(
+            f"{r['lr']:>8g} {r['bn']:>7} {_fmt(r['test_accuracy']):>9} {r['final_train_loss']:>11.4f} {reach:>16}"
+        )
+    print(f"-> {out / 'compare.csv'}, {out / 'compare.png'}")
+    return 0

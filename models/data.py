@@ -240,3 +240,21 @@ def stratified_split(
     held_idx = np.sort(np.concatenate(held))
     rest = np.setdiff1d(np.arange(len(y)), held_idx)
     return rest, held_idx
+
+
+def load_for_model(
+    source: str, feature_names: list[str], class_names: list[str], label: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Features in the model's column order (CSV columns are matched by name) and labels encoded
+    with the model's classes; any mismatch is a DataError that names the columns."""
+    X, labels, names = load_raw(source, label)
+    if names != feature_names:
+        if sorted(names) != sorted(feature_names):
+            missing = [n for n in feature_names if n not in names]
+            extra = [n for n in names if n not in feature_names]
+            raise DataError(
+                f"{source}: columns differ from the model's features "
+                f"(missing: {', '.join(missing) or 'none'}; unexpected: {', '.join(extra) or 'none'})"
+            )
+        X = X[:, [names.index(n) for n in feature_names]]
+    return X, encode_with(class_names, labels, source)

@@ -58,6 +58,7 @@ class TrainConfig:
     val_split: float = 0.1
     patience: int = 10
     seed: int = 0
+    split_seed: int | None = None  # seeds the data split alone (tune: same split, other seeds)
     dtype: str = "float64"
     label: str | None = None
 
@@ -176,6 +177,14 @@ def population_statistics(spec: NetworkSpec, params: Params, X_std: np.ndarray) 
     return out
 
 
+def diverging(train_loss: float, n_classes: int, params: Params) -> bool:
+    """A loss that is not finite, or 100 times that of guessing (log C): the learning rate is too
+    high and the weights are running away."""
+    if not math.isfinite(train_loss) or train_loss > 100 * math.log(n_classes):
+        return True
+    return not all(np.isfinite(v).all() for v in params.values())
+
+
 def train(
     config: TrainConfig,
     data: Dataset | str,
@@ -188,6 +197,8 @@ def train(
     dtype = DTYPES[config.dtype]
     seeds = np.random.SeedSequence(config.seed).spawn(4)
     split_rng, init_rng, shuffle_rng, dropout_rng = (np.random.default_rng(s) for s in seeds)
+    if config.split_seed is not None:
+        split_rng = np.random.default_rng(np.random.SeedSequence(config.split_seed).spawn(4)[0])
     splits = split_data(data, config, split_rng)
     n = len(splits.y_train)
     if n < 2:
@@ -208,6 +219,7 @@ def train(
     mean, std = standardization(splits.X_train)
     params["input.mean"], params["input.std"] = mean, std
     X_train = ((splits.X_train - mean) / std).astype(dtype)
+    initial = {k: v.copy() for k, v in params.items()}
     optimizer = make_optimizer(
         config.optimizer, config.beta1, config.beta2, config.momentum, config.weight_decay
     )
@@ -216,6 +228,10 @@ def train(
     history: list[dict[str, float]] = []
     diverged = False
 
+    # A too-large learning rate overflows before the loss turns non-finite; that is detected and
+    # reported below (diverged), so numpy's overflow warnings would only be noise.
+    errstate = np.errstate(over="ignore", invalid="ignore", divide="ignore")
+    errstate.__enter__()
     for epoch in range(config.epochs):
         t0 = time.perf_counter()
         lr = scheduled_lr(config.lr, epoch, config.lr_schedule, config.lr_decay)
@@ -238,7 +254,7 @@ def train(
         history.append(row)
         if on_epoch:
             on_epoch(row)
-        if not math.isfinite(row["train_loss"]) or not np.isfinite(params["output.W"]).all():
+        if diverging(row["train_loss"], spec.n_classes, params):
             diverged = True  # keep the best weights seen so far; never save NaNs
             break
         if has_val:
@@ -249,13 +265,12 @@ def train(
                 stale += 1
                 if stale >= config.patience:
                     break
+    errstate.__exit__(None, None, None)
     if best_params is not None:
         params = best_params
     elif diverged:
-        raise DataError(
-            f"training diverged in epoch {len(history)} (loss is not finite) before any usable "
-            f"weights; lower --lr (now {config.lr})"
-        )
+        params = initial  # nothing usable was learnt; callers check metrics["best_epoch"] == 0
+        best_epoch = 0
     else:
         best_epoch = len(history)
 
