@@ -91,16 +91,24 @@ class Adam(Optimizer):
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
 
     def _update(self, name: str, p: np.ndarray, g: np.ndarray, lr: float) -> None:
-        v, s = self._buffers(name, p, 2)
+        # In place with one scratch buffer per parameter: the update allocates nothing, which
+        # matters for the 1024x1024 matrices of a large network.
+        v, s, scratch = self._buffers(name, p, 3)
         v *= self.beta1
-        v += (1 - self.beta1) * g
+        np.multiply(g, 1 - self.beta1, out=scratch)
+        v += scratch
         s *= self.beta2
-        s += (1 - self.beta2) * (g * g)
+        np.multiply(g, g, out=scratch)
+        scratch *= 1 - self.beta2
+        s += scratch
         correction1 = 1 - self.beta1**self.t
         correction2 = 1 - self.beta2**self.t
-        denom = np.sqrt(s) / math.sqrt(correction2)
-        denom += self.eps
-        p -= (lr / correction1) * v / denom
+        np.sqrt(s, out=scratch)
+        scratch *= 1 / math.sqrt(correction2)
+        scratch += self.eps
+        np.divide(v, scratch, out=scratch)
+        scratch *= lr / correction1
+        p -= scratch
 
 
 def make_optimizer(
