@@ -202,3 +202,9 @@ def test_out_that_is_a_file_is_refused(tmp_path):
     result = run_cli("train", "sklearn:iris", "--out", str(f))
     assert result.returncode == 2 and "not a folder" in result.stderr
     assert f.read_text() == "x"
+
+
+def test_outputs_are_readable_by_others(iris_run):
+    # mkstemp's 0600 must not survive the rename: a service in a container runs as another user
+    for name in ("checkpoint.npz", "metrics.json", "history.csv", "curves.png"):
+        assert (iris_run / name).stat().st_mode & 0o044 == 0o044, name

@@ -1,0 +1,91 @@
+"""`bnserve convert` and `bnserve inspect`: argument parsing and printing only; the work is in
+`converter.convert` and `converter.inspect`. Errors are raised as BnserveError subclasses and the
+dispatcher (bnserve/cli.py) turns them into `bnserve CMD: error: ...` and the exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from converter import export
+
+
+def _convert_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bnserve convert",
+        description="Fold BN and the input standardization into the linear layers of a checkpoint, "
+        "export ONNX, and write it only after it matches the float64 reference.",
+    )
+    p.add_argument("checkpoint", help="checkpoint .npz written by bnserve train")
+    p.add_argument("-o", "--output", required=True, help="ONNX file to write")
+    p.add_argument(
+        "--opset",
+        type=int,
+        default=export.DEFAULT_OPSET,
+        help=f"ONNX opset, {export.MIN_OPSET} to {export.MAX_OPSET} (default {export.DEFAULT_OPSET})",
+    )
+    p.add_argument(
+        "--no-fold",
+        action="store_true",
+        help="export the unfolded graph (Sub/Div, Gemm, BatchNormalization) as a reference",
+    )
+    p.add_argument(
+        "--stats",
+        choices=("running", "population"),
+        help="frozen BN statistics to use (default: the checkpoint's default)",
+    )
+    p.add_argument(
+        "--atol", type=float, default=1e-5, help="parity tolerance on probabilities (default 1e-5)"
+    )
+    p.add_argument("--logits", action="store_true", help="add a second output 'logits'")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    return p
+
+
+def convert_main(argv: list[str]) -> int:
+    args = _convert_parser().parse_args(argv)
+    from converter.convert import convert_checkpoint
+
+    def warn(msg: str) -> None:
+        print(f"bnserve convert: warning: {msg}", file=sys.stderr)
+
+    result = convert_checkpoint(
+        args.checkpoint,
+        args.output,
+        opset=args.opset,
+        fold=not args.no_fold,
+        stats=args.stats,
+        atol=args.atol,
+        logits=args.logits,
+        warn=warn,
+    )
+    if not args.quiet:
+        pr = result.parity_report
+        ops = ", ".join(f"{op} x{n}" for op, n in result.op_counts.items())
+        print(
+            f"wrote {result.path} ({'folded' if result.folded else 'unfolded'}, opset {result.opset}, "
+            f"{result.stats} statistics; {ops})\n"
+            f"parity on {pr['probes']} probes: max |p - p_float64| {pr['max_abs_diff']:.3g} "
+            f"(unfolded float32 {pr['unfolded_float32_max_abs_diff']:.3g}, allowed {pr['tolerance']:.3g}), "
+            f"argmax agreement {pr['argmax_agreement'] * 100:.2f}%"
+        )
+    return 0
+
+
+def inspect_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="bnserve inspect",
+        description="Show an ONNX model's inputs, outputs, operators, opset and metadata.",
+    )
+    p.add_argument("model", help="any ONNX file")
+    p.add_argument("--json", action="store_true", help="print the description as JSON")
+    args = p.parse_args(argv)
+    from converter.inspect import describe_model, format_description, load_model
+
+    desc = describe_model(load_model(args.model))
+    if args.json:
+        print(json.dumps(desc, indent=2, sort_keys=True, ensure_ascii=False))
+    else:
+        print(format_description(desc, title=args.model))
+    return 0

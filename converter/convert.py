@@ -1,0 +1,246 @@
+"""`convert_checkpoint`: checkpoint -> verified ONNX file, the whole pipeline in one function.
+
+load -> freeze (refuse corrupt models) -> fold (float64) -> build the graph -> onnx full check ->
+write a temporary file next to the output -> parity gate on that file -> add the parity report ->
+rename into place. Nothing is left behind when any step fails.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bnserve.errors import ModelError, ParityError, UsageError
+from converter import export, verify
+from converter.freeze import freeze_checkpoint
+from converter.frozen import FoldedMLP, fold_mlp, folded_probabilities, unfolded_report
+from models.checkpoint import Checkpoint, file_sha256, load_checkpoint
+from models.network import logits_eval, predict_proba
+
+
+@dataclass
+class ConversionResult:
+    path: Path
+    folded: bool
+    opset: int
+    stats: str
+    fold_report: dict[str, Any]
+    parity_report: dict[str, Any]
+    op_counts: dict[str, int]
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_output_path(output: Path, checkpoint: Path | None = None) -> None:
+    if output.is_dir():
+        raise UsageError(
+            f"output path {output} is a directory; give a file name such as {output / 'model.onnx'}"
+        )
+    if (
+        checkpoint is not None
+        and output.exists()
+        and checkpoint.exists()
+        and output.samefile(checkpoint)
+    ):
+        raise UsageError(f"output path {output} is the checkpoint itself; choose another file")
+
+
+def check_options(opset: int, atol: float) -> None:
+    if not export.MIN_OPSET <= opset <= export.MAX_OPSET:
+        raise UsageError(
+            f"--opset {opset} is not supported; choose {export.MIN_OPSET} to {export.MAX_OPSET}"
+        )
+    if not (math.isfinite(atol) and atol >= 0):
+        raise UsageError(f"--atol must be a finite number >= 0, got {atol}")
+
+
+def _reference(ckpt: Checkpoint, X: np.ndarray, stats: str) -> tuple[np.ndarray, np.ndarray]:
+    """float64 logits and probabilities of the UNFOLDED checkpoint network (models/ computes them,
+    independently of the fold arithmetic under test)."""
+    params64 = {k: np.asarray(v, dtype=np.float64) for k, v in ckpt.params.items()}
+    X64 = X.astype(np.float64)
+    return logits_eval(ckpt.spec, params64, X64, stats), ckpt.predict_proba(X64, stats)
+
+
+def _check_float32_finite(model_layers: list[tuple[str, np.ndarray]]) -> None:
+    for name, arr in model_layers:
+        with np.errstate(over="ignore"):
+            as32 = arr.astype(np.float32)
+        if not np.all(np.isfinite(as32)):
+            raise ModelError(
+                f"folded {name} does not fit in float32 (max |value| {np.max(np.abs(arr)):.3g}); "
+                "the BN scales are too large to fold. Try --no-fold"
+            )
+
+
+def _unfolded_numpy_float32_error(
+    ckpt: Checkpoint, X: np.ndarray, stats: str, ref_probs: np.ndarray
+) -> float:
+    # The trainer's own forward pass with float32 parameters: one more float32 sample.
+    params32 = {k: np.asarray(v, dtype=np.float32) for k, v in ckpt.params.items()}
+    with np.errstate(all="ignore"):
+        probs = predict_proba(ckpt.spec, params32, X, stats)
+    return verify.max_abs_error(probs, ref_probs)[0]
+
+
+def _einsum_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    # Plain summation order (no BLAS): a second, independent sample of float32 rounding.
+    return np.einsum("ij,jk->ik", a, b, optimize=False)
+
+
+def _check_fold_float64(folded: FoldedMLP, X: np.ndarray, ref_probs: np.ndarray) -> float:
+    """The fold must be exact up to float64 rounding; otherwise it is a bug, whatever float32 does."""
+    err, row = verify.max_abs_error(folded_probabilities(folded, X), ref_probs)
+    if not err <= verify.FOLD_FLOAT64_TOLERANCE:
+        raise ParityError(
+            f"parity gate failed: the folded network differs from the unfolded one in float64 by "
+            f"{err:.3g} (allowed {verify.FOLD_FLOAT64_TOLERANCE:.0e}) at probe row {row}; "
+            f"input row = {verify.format_row(X[row])}"
+        )
+    return err
+
+
+def _make_parents(directory: Path) -> list[Path]:
+    """Create missing parent folders; return those created (innermost first) to undo on failure."""
+    created = []
+    d = directory
+    while not d.exists():
+        created.append(d)
+        d = d.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def convert_checkpoint(
+    checkpoint_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
+    *,
+    opset: int = export.DEFAULT_OPSET,
+    fold: bool = True,
+    stats: str | None = None,
+    atol: float = 1e-5,
+    logits: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> ConversionResult:
+    """Convert, verify and write; raise a BnserveError (nothing written) on any refusal."""
+    checkpoint_path, output_path = Path(checkpoint_path), Path(output_path)
+    check_output_path(output_path, checkpoint_path)
+    check_options(opset, atol)
+    ckpt = load_checkpoint(checkpoint_path)
+    net, chosen = freeze_checkpoint(ckpt, stats)
+
+    unfolded = export.build_unfolded_model(net, opset=opset, logits=logits)
+    folded: FoldedMLP | None = None
+    if fold:
+        folded = fold_mlp(net)
+        _check_float32_finite(
+            [(f"{la.name}.{k}", a) for la in folded.layers for k, a in (("W", la.W), ("b", la.b))]
+        )
+        report = folded.report
+        model = export.build_folded_model(folded, opset=opset, logits=logits)
+    else:
+        report = unfolded_report(net)
+        model = unfolded
+    warnings = list(report["warnings"])
+    for w in warnings:
+        if warn is not None:
+            warn(w)
+
+    metadata = export.conversion_metadata(
+        labels=ckpt.class_names,
+        feature_names=ckpt.feature_names,
+        stats=chosen,
+        fold_report=report,
+        parity_report=None,
+        source_sha256=file_sha256(checkpoint_path),
+        data_fingerprint=ckpt.data_fingerprint,
+    )
+    export.set_metadata(model, metadata)
+    export.check_model(model)
+
+    X = verify.make_probes(net.input_mean, net.input_std)
+    ref_logits, ref_probs = _reference(ckpt, X, chosen)
+    baseline = verify.run_model(export.serialize(unfolded), X, "disabled")
+    baseline_err = verify.max_abs_error(baseline[export.PROBABILITIES], ref_probs)[0]
+    noise_floor, fold_check = baseline_err, None
+    if folded is not None:
+        fold_check = _check_fold_float64(folded, X, ref_probs)
+        noise_floor = max(
+            baseline_err,
+            *(
+                verify.max_abs_error(folded_probabilities(folded, X, np.float32, mm), ref_probs)[0]
+                for mm in (np.matmul, _einsum_matmul)
+            ),
+            _unfolded_numpy_float32_error(ckpt, X, chosen, ref_probs),
+        )
+
+    created = _make_parents(output_path.parent)
+    fd, tmp_name = tempfile.mkstemp(
+        dir=output_path.parent, prefix=f".{output_path.name}.", suffix=".tmp"
+    )
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(export.serialize(model))
+        # The gate runs the file actually written, at both optimization levels.
+        outputs = {level: verify.run_model(tmp, X, level) for level in verify.LEVELS}
+        result = verify.evaluate_parity(
+            {lv: o[export.PROBABILITIES] for lv, o in outputs.items()},
+            ref_probs,
+            baseline_err,
+            atol,
+            X,
+            noise_floor=noise_floor,
+        )
+        parity = result.report
+        if fold_check is not None:
+            parity["fold_float64_max_abs_diff"] = fold_check
+        if logits:
+            parity["logits"] = verify.logits_parity(
+                {lv: o[export.LOGITS] for lv, o in outputs.items()},
+                ref_logits,
+                verify.max_abs_error(baseline[export.LOGITS], ref_logits)[0],
+                atol,
+            )
+            if not parity["logits"]["passed"]:
+                raise ParityError(
+                    f"parity gate failed on the logits output: max |diff| "
+                    f"{parity['logits']['max_abs_diff']:.3g} > allowed {parity['logits']['tolerance']:.3g}"
+                )
+        if not result.passed:
+            raise ParityError(result.message)
+        metadata["bnserve.parity_report"] = export.to_json(parity)
+        export.set_metadata(model, metadata)
+        tmp.write_bytes(export.serialize(model))
+        # mkstemp creates the file 0600; a model is meant to be read by the service (often another
+        # user in a container), so give it the permissions a plain open() would have.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, output_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        for d in created:
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+    ops = Counter(node.op_type for node in model.graph.node)
+    return ConversionResult(
+        path=output_path,
+        folded=fold,
+        opset=opset,
+        stats=chosen,
+        fold_report=report,
+        parity_report=parity,
+        op_counts=dict(sorted(ops.items())),
+        warnings=warnings,
+    )
