@@ -1,0 +1,256 @@
+"""`bnserve serve` and `bnserve predict`.
+
+Defaults come from BNSERVE_* environment variables (the container sets them) and flags win.
+`serve` checks the models in a child process first (`service.probe`), then runs gunicorn in this
+process, so signals sent to `bnserve serve` reach the gunicorn master.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from bnserve.errors import UsageError
+from service.config import (
+    DEVICES,
+    LOG_LEVELS,
+    OUTPUT_KINDS,
+    ServiceConfig,
+    default_workers,
+    env_float,
+    env_int,
+    env_str,
+)
+
+log = logging.getLogger("bnserve.service")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0..65535, got {value}")
+    return value
+
+
+def _choice_env(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = env_str(name, default)
+    assert value is not None
+    if value.lower() not in choices:
+        raise UsageError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value.lower()
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    """The `bnserve serve` options, with defaults read from the environment now."""
+    p = argparse.ArgumentParser(
+        prog="bnserve serve",
+        description="Serve an ONNX classifier (or a Triton-layout model repository) with gunicorn.",
+        epilog="Environment defaults: BNSERVE_MODEL, BNSERVE_MODEL_NAME, BNSERVE_DEVICE, "
+        "BNSERVE_WORKERS, BNSERVE_THREADS, BNSERVE_PORT, BNSERVE_HOST, BNSERVE_LOG_LEVEL, "
+        "BNSERVE_MAX_BATCH, BNSERVE_MAX_BODY_MB; flags win.",
+    )
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=env_str("BNSERVE_MODEL", None),
+        help="an .onnx file or a REPO/<name>/<version>/model.onnx directory",
+    )
+    p.add_argument(
+        "--model-name",
+        default=env_str("BNSERVE_MODEL_NAME", None),
+        help="name of a single .onnx model (default: file stem); for a repository, "
+        "the model that POST /predict serves",
+    )
+    p.add_argument(
+        "--device",
+        choices=DEVICES,
+        default=_choice_env("BNSERVE_DEVICE", "cpu", DEVICES),
+        help="cuda refuses to start without a working CUDA provider; auto picks it when "
+        "it works (default: cpu)",
+    )
+    p.add_argument(
+        "--workers",
+        type=_positive,
+        default=env_int("BNSERVE_WORKERS", default_workers()),
+        help="gunicorn worker processes (default: one per core)",
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive,
+        default=env_int("BNSERVE_THREADS", 1),
+        help="threads per worker; above 1 uses gthread workers (default: 1, sync)",
+    )
+    p.add_argument(
+        "--intra-op-threads",
+        type=_positive,
+        default=env_int("BNSERVE_INTRA_OP_THREADS", 1),
+        help="onnxruntime threads per session (default: 1)",
+    )
+    p.add_argument("--host", default=env_str("BNSERVE_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=_port, default=env_int("BNSERVE_PORT", 8000, minimum=0))
+    p.add_argument(
+        "--max-batch",
+        type=_positive,
+        default=env_int("BNSERVE_MAX_BATCH", 64),
+        help="most rows per request (default: 64)",
+    )
+    p.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=env_float("BNSERVE_MAX_BODY_MB", 16.0),
+        help="largest request body in MiB; larger ones get 413 (default: 16)",
+    )
+    p.add_argument(
+        "--output-kind",
+        choices=OUTPUT_KINDS,
+        default="auto",
+        help="how to read the class scores (default: from metadata, else Softmax or not)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_positive,
+        default=env_int("BNSERVE_TIMEOUT", 30),
+        help="seconds before a silent worker is restarted, and the graceful stop time",
+    )
+    p.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default=_choice_env("BNSERVE_LOG_LEVEL", "info", LOG_LEVELS),
+    )
+    return p
+
+
+def config_from_args(argv: list[str]) -> ServiceConfig:
+    """Parse `bnserve serve` arguments (and environment defaults) into a ServiceConfig."""
+    args = serve_parser().parse_args(argv)
+    if not args.model:
+        raise UsageError("no model: pass an .onnx file or repository, or set BNSERVE_MODEL")
+    if not args.max_body_mb > 0:
+        raise UsageError(f"--max-body-mb must be positive, got {args.max_body_mb}")
+    return ServiceConfig(
+        model=str(args.model),
+        model_name=args.model_name,
+        device=args.device,
+        workers=args.workers,
+        threads=args.threads,
+        intra_op_threads=args.intra_op_threads,
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        output_kind=args.output_kind,
+        log_level=args.log_level,
+        timeout=args.timeout,
+    )
+
+
+def configure_logging(level: str) -> None:
+    """Our log lines next to gunicorn's, on stderr, with the process id (workers differ)."""
+    logger = logging.getLogger("bnserve")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            logging.Formatter(
+                "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S %z"
+            )
+        )
+        logger.addHandler(handler)
+    logger.setLevel(level.upper())
+    logger.propagate = False
+
+
+def serve_main(argv: list[str]) -> int:
+    """Check the models in a child process, then become the gunicorn master."""
+    config = config_from_args(argv)
+    configure_logging(config.log_level)
+    from service.gunicorn_conf import BnserveApplication
+    from service.probe import probe_models
+    from service.repository import find_models
+
+    repository = find_models(config.model, config.model_name)  # fail fast on a bad path
+    log.info(
+        "checking %d model(s) from %s on device %s", len(repository), config.model, config.device
+    )
+    probed = probe_models(config)
+    if config.device == "auto":
+        log.info("--device auto: using %s", probed["device"])
+        config = replace(config, device=probed["device"])
+    for name, versions in probed["models"].items():
+        for version, details in versions.items():
+            log.info(
+                "model %s version %s: %d features, %d classes (%s) on %s",
+                name,
+                version,
+                details["n_features"],
+                details["n_classes"],
+                details["output_kind"],
+                details["device"],
+            )
+    BnserveApplication(config, repository).run()
+    return 0
+
+
+def predict_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bnserve predict",
+        description="Score a CSV or npz file offline with the server's model loading and output handling.",
+    )
+    p.add_argument("model", help="an .onnx file or a model repository")
+    p.add_argument(
+        "data", help="a .csv (columns by feature name when the model has them) or .npz (X)"
+    )
+    p.add_argument(
+        "-o", "--out", required=True, help="output CSV: label, class_index, p_<label>..."
+    )
+    p.add_argument("--model-name", default=None, help="which model of a repository")
+    p.add_argument(
+        "--version", type=_positive, default=None, help="which version (default: highest)"
+    )
+    p.add_argument("--device", choices=DEVICES, default="cpu")
+    p.add_argument("--output-kind", choices=OUTPUT_KINDS, default="auto")
+    p.add_argument("--batch-size", type=_positive, default=4096)
+    return p
+
+
+def predict_main(argv: list[str]) -> int:
+    """`bnserve predict MODEL DATA -o OUT.csv`."""
+    args = predict_parser().parse_args(argv)
+    from service.offline import read_features, score, write_predictions
+    from service.repository import default_version, find_models
+    from service.runtime import ModelRuntime
+
+    repository = find_models(args.model, args.model_name)
+    if args.model_name is None and len(repository) > 1:
+        raise UsageError(
+            f"{args.model} has several models ({', '.join(repository)}): pass --model-name"
+        )
+    name = args.model_name or next(iter(repository))
+    versions = repository[name]
+    version = args.version or default_version(versions)
+    if version not in versions:
+        raise UsageError(
+            f"model {name!r} has no version {version} (versions: {', '.join(map(str, versions))})"
+        )
+    runtime = ModelRuntime.load(versions[version], name, version, args.device, 1, args.output_kind)
+    x = read_features(Path(args.data), runtime)
+    probabilities = score(runtime, x, args.batch_size)
+    out = Path(args.out)
+    write_predictions(out, runtime, probabilities)
+    print(f"bnserve predict: {len(x)} rows scored with {name} v{version} -> {out}")
+    return 0

@@ -1,0 +1,87 @@
+"""The service's settings: defaults, then BNSERVE_* environment variables, then flags.
+
+The container image sets the environment variables; command-line flags win over them. One frozen
+dataclass travels from the CLI through gunicorn into `create_app` in every worker.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from bnserve.errors import UsageError
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+DEVICES = ("cpu", "cuda", "auto")
+OUTPUT_KINDS = ("auto", "probabilities", "logits")
+
+
+def default_workers() -> int:
+    """One worker per core this process may run on (each worker runs single-threaded)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Everything a worker needs to build the app; `model` is an .onnx file or a repository."""
+
+    model: str = ""
+    model_name: str | None = None
+    device: str = "cpu"
+    workers: int = 1
+    threads: int = 1
+    intra_op_threads: int = 1
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 64
+    max_body_bytes: int = 16 * 1024 * 1024
+    output_kind: str = "auto"
+    log_level: str = "info"
+    timeout: int = 30
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any]) -> ServiceConfig:
+        """Build from a plain dict (tests); unknown keys are an error, not silently ignored."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise UsageError(f"unknown service settings: {', '.join(sorted(unknown))}")
+        return replace(cls(), **values)
+
+
+def env_str(name: str, default: str | None) -> str | None:
+    """An environment variable, or `default` when it is unset or empty."""
+    value = os.environ.get(name, "").strip()
+    return value or default
+
+
+def env_int(name: str, default: int, minimum: int = 1) -> int:
+    """An integer environment variable with a message naming the variable when it is bad."""
+    raw = env_str(name, None)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise UsageError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise UsageError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def env_float(name: str, default: float) -> float:
+    """A positive number from the environment, with a message naming the variable when bad."""
+    raw = env_str(name, None)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise UsageError(f"{name} must be a number, got {raw!r}") from None
+    if not value > 0:
+        raise UsageError(f"{name} must be positive, got {raw!r}")
+    return value

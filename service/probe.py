@@ -1,0 +1,91 @@
+"""Load every model once in a child process before gunicorn starts, and report what happened.
+
+The master must not create onnxruntime sessions (they, and CUDA, are not fork-safe), but a bad
+model or a CUDA provider that falls back to CPU should stop `bnserve serve` with a clear message
+instead of failing in every worker. So the check runs where forking does not matter: a fresh
+`python -m service.probe` process, which loads and warms up each model as a worker would. It also
+settles `--device auto` once, so every worker uses the same device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from typing import Any
+
+from bnserve.errors import ModelError
+from service.config import ServiceConfig
+
+_MARKER = "BNSERVE_PROBE "
+
+
+def probe_models(config: ServiceConfig, timeout: float = 600.0) -> dict[str, Any]:
+    """Run the probe child; returns {"device": ..., "models": {...}} or raises ModelError."""
+    request = json.dumps(dataclasses.asdict(config))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "service.probe"],
+            input=request,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise ModelError(f"loading the models took more than {timeout:.0f} s") from None
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith(_MARKER):
+            result = json.loads(line[len(_MARKER) :])
+            break
+    else:
+        detail = done.stderr.strip().splitlines()[-5:]
+        raise ModelError(
+            f"the model check process failed (exit {done.returncode}): {' | '.join(detail)}"
+        )
+    if "error" in result:
+        raise ModelError(result["error"])
+    return result
+
+
+def _probe(config: ServiceConfig) -> dict[str, Any]:
+    from service.registry import ModelRegistry
+    from service.repository import find_models
+
+    registry = ModelRegistry(find_models(config.model, config.model_name), config.model_name)
+    registry.load_all(config.device, config.intra_op_threads, config.output_kind)
+    errors = [e for m in registry.models.values() for e in m.errors.values()]
+    if errors:
+        return {"error": "; ".join(errors)}
+    models: dict[str, Any] = {}
+    devices = set()
+    for name, model in registry.models.items():
+        models[name] = {}
+        for version, runtime in model.loaded.items():
+            devices.add(runtime.device)
+            models[name][str(version)] = {
+                "n_features": runtime.info.n_features,
+                "n_classes": runtime.n_classes,
+                "output_kind": runtime.info.output_kind,
+                "device": runtime.device,
+                "feature_names": list(runtime.info.feature_names or ()),
+            }
+    return {"device": "cuda" if "cuda" in devices else "cpu", "models": models}
+
+
+def main() -> int:
+    """Child entry point: config JSON on stdin, one marked JSON line on stdout."""
+    from bnserve.errors import BnserveError
+
+    config = ServiceConfig(**json.loads(sys.stdin.read()))
+    try:
+        result = _probe(config)
+    except BnserveError as exc:
+        result = {"error": str(exc)}
+    print(_MARKER + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""The Open Inference Protocol (KServe V2 / Triton HTTP/REST) routes.
+
+Health answers by status code, metadata describes models in the protocol's shape (with labels,
+device and the converter's reports under `parameters`), and `infer` speaks JSON tensors, the
+binary tensor data extension and the classification extension, so `tritonclient.http` works with
+its defaults. HTTP/REST only: there is no gRPC endpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, current_app, request
+
+import bnserve
+from service.body import dumps, parse_json_object, read_body
+from service.errors import BadRequestError
+from service.registry import ModelRegistry, ModelVersions
+from service.runtime import ModelRuntime
+from service.v2_tensors import classify, datatype_of, decode_input, encode_output
+
+PLATFORM = "onnxruntime_onnx"
+EXTENSIONS = ["binary_tensor_data", "classification"]
+HEADER_LENGTH = "Inference-Header-Content-Length"
+EXAMPLE = '{"inputs": [{"name": "input", "shape": [1, F], "datatype": "FP32", "data": [...]}]}'
+
+
+def server_metadata() -> dict[str, Any]:
+    return {"name": "bnserve", "version": bnserve.__version__, "extensions": EXTENSIONS}
+
+
+def model_metadata(model: ModelVersions, runtime: ModelRuntime) -> dict[str, Any]:
+    """The protocol's model metadata, plus what a client of a classifier wants to know."""
+    info = runtime.info
+    outputs = [
+        {
+            "name": o.name,
+            "datatype": datatype_of(o.dtype),
+            "shape": [-1 if d is None else d for d in o.shape],
+        }
+        for o in info.outputs
+    ]
+    parameters: dict[str, Any] = {
+        "labels": list(runtime.labels),
+        "feature_names": list(info.feature_names) if info.feature_names else None,
+        "device": runtime.device,
+        "score_output": info.score_output,
+        "output_kind": info.output_kind,
+        "default_version": str(model.default),
+        **info.reports(),
+    }
+    return {
+        "name": model.name,
+        "versions": model.version_names(),
+        "platform": PLATFORM,
+        "inputs": [
+            {
+                "name": info.input.name,
+                "datatype": datatype_of(info.input.dtype),
+                "shape": [-1, info.n_features],
+            }
+        ],
+        "outputs": outputs,
+        "parameters": parameters,
+    }
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+    """(JSON header, binary tail) using the Inference-Header-Content-Length header."""
+    if header_length is None:
+        return body, memoryview(b"")
+    try:
+        length = int(header_length)
+    except ValueError:
+        raise BadRequestError(
+            f"{HEADER_LENGTH} must be an integer, got {header_length!r}"
+        ) from None
+    if not 0 < length <= len(body):
+        raise BadRequestError(f"{HEADER_LENGTH} is {length} but the body has {len(body)} bytes")
+    view = memoryview(body)
+    return bytes(view[:length]), view[length:]
+
+
+def infer(
+    runtime: ModelRuntime, body: bytes, header_length: str | None, max_batch: int
+) -> tuple[bytes, dict[str, str]]:
+    """Run one infer request; returns the response body and its extra headers."""
+    header_bytes, binary = split_body(body, header_length)
+    header = parse_json_object(header_bytes, EXAMPLE)
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1:
+        got = len(inputs) if isinstance(inputs, list) else "no array of"
+        raise BadRequestError(
+            f"expected 'inputs' with exactly one tensor named {runtime.info.input.name!r}, got {got} inputs"
+        )
+    info = runtime.info
+    x = decode_input(
+        inputs[0], binary, info.input.name, info.n_features, info.input.dtype, max_batch
+    )
+    requested = _requested_outputs(header, runtime)
+    names = list(dict.fromkeys(name for name, _, _ in requested))
+    results = dict(zip(names, runtime.run(names, x), strict=True))
+
+    entries, tails = [], []
+    for name, binary_out, k in requested:
+        array = results[name]
+        if k is not None:
+            array = classify(array, k, info.labels)
+        entry, raw = encode_output(name, array, binary_out)
+        entries.append(entry)
+        if raw:
+            tails.append(raw)
+    response: dict[str, Any] = {"model_name": runtime.name, "model_version": str(runtime.version)}
+    if "id" in header:
+        response["id"] = header["id"]
+    response["outputs"] = entries
+    json_part = dumps(response)
+    if not any("parameters" in e for e in entries):
+        return json_part, {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(json_part))}
+    return json_part + b"".join(tails), headers
+
+
+def _requested_outputs(
+    header: dict[str, Any], runtime: ModelRuntime
+) -> list[tuple[str, bool, int | None]]:
+    """(name, binary, classification k) per output to return; all outputs when none are named."""
+    parameters = header.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise BadRequestError("'parameters' must be a JSON object")
+    default_binary = parameters.get("binary_data_output", False)
+    if type(default_binary) is not bool:
+        raise BadRequestError("parameter 'binary_data_output' must be true or false")
+    available = [o.name for o in runtime.info.outputs]
+    outputs = header.get("outputs")
+    if outputs is None:
+        return [(name, default_binary, None) for name in available]
+    if not isinstance(outputs, list):
+        raise BadRequestError("'outputs' must be an array of {\"name\": ...} objects")
+    requested = []
+    for output in outputs:
+        name = output.get("name") if isinstance(output, dict) else None
+        if name not in available:
+            raise BadRequestError(f"unknown output {name!r}: the model's outputs are {available}")
+        params = output.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise BadRequestError(f"output {name!r}: 'parameters' must be a JSON object")
+        binary = params.get("binary_data", default_binary)
+        if type(binary) is not bool:
+            raise BadRequestError(f"output {name!r}: 'binary_data' must be true or false")
+        k = params.get("classification")
+        if k is not None and (type(k) is not int or not 1 <= k <= runtime.n_classes):
+            raise BadRequestError(
+                f"output {name!r}: classification must be an integer from 1 to {runtime.n_classes}, got {k!r}"
+            )
+        requested.append((name, binary, k))
+    return requested
+
+
+def create_blueprint() -> Blueprint:
+    """The V2 routes; every answer is JSON (or JSON + binary tensors for infer)."""
+    bp = Blueprint("v2", __name__, url_prefix="/v2")
+
+    def _json(document: Any, status: int = 200) -> Response:
+        return Response(dumps(document), status=status, mimetype="application/json")
+
+    def _registry() -> ModelRegistry:
+        return current_app.extensions["bnserve.registry"]
+
+    @bp.route("", methods=["GET"])
+    def metadata() -> Response:
+        return _json(server_metadata())
+
+    @bp.route("/health/live", methods=["GET"])
+    def live() -> Response:
+        return _json({"live": True})
+
+    @bp.route("/health/ready", methods=["GET"])
+    def ready() -> Response:
+        ready = _registry().ready
+        return _json({"ready": ready}, 200 if ready else 503)
+
+    @bp.route("/models/<name>", methods=["GET"])
+    @bp.route("/models/<name>/versions/<version>", methods=["GET"])
+    def model(name: str, version: str | None = None) -> Response:
+        registry = _registry()
+        return _json(model_metadata(registry.model(name), registry.get(name, version)))
+
+    @bp.route("/models/<name>/ready", methods=["GET"])
+    @bp.route("/models/<name>/versions/<version>/ready", methods=["GET"])
+    def model_ready(name: str, version: str | None = None) -> Response:
+        runtime = _registry().get(name, version)  # 404 unknown, 503 not loaded
+        return _json({"name": name, "version": str(runtime.version), "ready": True})
+
+    @bp.route("/models/<name>/infer", methods=["POST"])
+    @bp.route("/models/<name>/versions/<version>/infer", methods=["POST"])
+    def model_infer(name: str, version: str | None = None) -> Response:
+        runtime = _registry().get(name, version)
+        config = current_app.extensions["bnserve.config"]
+        body = read_body(request.environ, config.max_body_bytes)
+        payload, headers = infer(
+            runtime, body, request.headers.get(HEADER_LENGTH), config.max_batch
+        )
+        return Response(payload, status=200, headers=headers)
+
+    return bp

@@ -1,0 +1,192 @@
+"""Helpers for the service tests: small ONNX classifiers built with onnx.helper, and
+starting / stopping a real `bnserve serve` process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import requests
+from onnx import TensorProto, helper, numpy_helper
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+N_FEATURES = 8
+LABELS = ["cat", "dog", "bird"]
+FEATURE_NAMES = [f"f{i}" for i in range(N_FEATURES)]
+FOREIGN_FEATURES = 5
+FOREIGN_CLASSES = 4
+MAX_BATCH = 8
+MAX_BODY_BYTES = 16 * 1024  # --max-body-mb 0.015625: small, so the 413 test sends little
+
+
+def _save(model: onnx.ModelProto, path: Path) -> Path:
+    model.ir_version = 9  # what onnxruntime >= 1.18 reads, whatever onnx writes by default
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def build_mlp_classifier(
+    path: Path,
+    seed: int = 0,
+    n_features: int = N_FEATURES,
+    hidden: int = 16,
+    labels: list | None = LABELS,
+    feature_names: list[str] | None = FEATURE_NAMES,
+    metadata: dict[str, str] | None = None,
+    logits_output: bool = True,
+) -> Path:
+    """Gemm-Relu-Gemm-Softmax with bnserve metadata, like the converter writes."""
+    rng = np.random.default_rng(seed)
+    n_classes = len(labels) if labels else 3
+    w1 = rng.normal(size=(n_features, hidden)).astype(np.float32)
+    b1 = rng.normal(size=hidden).astype(np.float32)
+    w2 = rng.normal(size=(hidden, n_classes)).astype(np.float32)
+    b2 = rng.normal(size=n_classes).astype(np.float32)
+    nodes = [
+        helper.make_node("Gemm", ["input", "w1", "b1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["a"]),
+        helper.make_node("Gemm", ["a", "w2", "b2"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", n_classes])
+    ]
+    if logits_output:
+        outputs.append(
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_classes])
+        )
+    graph = helper.make_graph(
+        nodes,
+        "bn_mlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", n_features])],
+        outputs,
+        [
+            numpy_helper.from_array(a, n)
+            for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    props = {
+        "bnserve.format_version": "1",
+        "bnserve.output_kind": "probabilities",
+        "bnserve.fold_report": json.dumps({"folded": 2, "max_abs_diff": 1.2e-7}),
+        "bnserve.parity_report": json.dumps({"passed": True, "max_abs_diff": 3e-7}),
+        "bnserve.source_sha256": "0" * 64,
+        "bnserve.converter_version": "test",
+    }
+    if labels is not None:
+        props["bnserve.labels"] = json.dumps(labels)
+    if feature_names is not None:
+        props["bnserve.feature_names"] = json.dumps(feature_names)
+    props.update(metadata or {})
+    helper.set_model_props(model, props)
+    return _save(model, path)
+
+
+def build_foreign_logits(path: Path, seed: int = 5) -> Path:
+    """A classifier from "another framework": MatMul + Add, one logits output, no metadata."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(FOREIGN_FEATURES, FOREIGN_CLASSES)).astype(np.float32) * 3
+    b = rng.normal(size=FOREIGN_CLASSES).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["xw"]),
+            helper.make_node("Add", ["xw", "b"], ["scores"]),
+        ],
+        "foreign",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", FOREIGN_FEATURES])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", FOREIGN_CLASSES])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def reference_run(path: Path, x: np.ndarray, output: str | None = None) -> np.ndarray:
+    """An in-process onnxruntime run, independent of service/, to compare HTTP answers with."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = output or session.get_outputs()[0].name
+    return session.run([name], {session.get_inputs()[0].name: x.astype(np.float32)})[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LiveServer:
+    """A running `bnserve serve` process (the gunicorn master) and where it listens."""
+
+    proc: subprocess.Popen
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def worker_pids(self) -> list[int]:
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        return [int(p) for p in children.read_text().split()]
+
+
+def start_server(args: list[str], log_path: Path, env_extra: dict[str, str]) -> LiveServer:
+    """Start `python -m bnserve serve ARGS` and wait until /v2/health/ready answers 200."""
+    port = int(env_extra.get("BNSERVE_PORT") or free_port())
+    if "BNSERVE_PORT" not in env_extra:
+        args = [*args, "--port", str(port)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BNSERVE_")}
+    env.pop("XDG_RUNTIME_DIR", None)
+    env.update(env_extra)
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    log_file = log_path.open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bnserve", "serve", *args],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=REPO_ROOT,
+    )
+    server = LiveServer(proc, port, log_path)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"bnserve serve exited with {proc.returncode}:\n{server.log()}")
+        try:  # the master accepts connections before a worker has loaded the models
+            if requests.get(f"{server.url}/v2/health/ready", timeout=5).status_code == 200:
+                return server
+        except requests.RequestException:
+            pass
+        time.sleep(0.1)
+    stop_server(server)
+    raise RuntimeError(f"bnserve serve not ready after 60 s:\n{server.log()}")
+
+
+def stop_server(server: LiveServer) -> int:
+    """SIGTERM to the PID (the gunicorn master); kill only if it does not stop in time."""
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait()
+    return server.proc.returncode

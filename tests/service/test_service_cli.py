@@ -1,0 +1,196 @@
+"""`bnserve serve` configuration (environment and flags), `bnserve predict`, and `bnserve up`."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bnserve import up
+from bnserve.cli import main
+from bnserve.errors import UsageError
+from service.cli import config_from_args, predict_main
+from service.gunicorn_conf import gunicorn_settings
+from tests.service.support import FEATURE_NAMES, LABELS, build_mlp_classifier, reference_run
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in (
+        "MODEL",
+        "MODEL_NAME",
+        "DEVICE",
+        "WORKERS",
+        "THREADS",
+        "PORT",
+        "HOST",
+        "LOG_LEVEL",
+    ):
+        monkeypatch.delenv(f"BNSERVE_{name}", raising=False)
+    return monkeypatch
+
+
+def test_environment_gives_defaults_and_flags_win(clean_env: pytest.MonkeyPatch) -> None:
+    for name, value in {
+        "MODEL": "/models/m.onnx",
+        "MODEL_NAME": "digits",
+        "DEVICE": "auto",
+        "WORKERS": "3",
+        "THREADS": "2",
+        "PORT": "9000",
+        "HOST": "0.0.0.0",
+        "LOG_LEVEL": "warning",
+    }.items():
+        clean_env.setenv(f"BNSERVE_{name}", value)
+    config = config_from_args([])
+    assert (config.model, config.model_name, config.device) == ("/models/m.onnx", "digits", "auto")
+    assert (config.workers, config.threads, config.port, config.host) == (3, 2, 9000, "0.0.0.0")
+    assert config.log_level == "warning"
+    config = config_from_args(["other.onnx", "--port", "8001", "--workers", "1", "--device", "cpu"])
+    assert (config.model, config.port, config.workers, config.device) == (
+        "other.onnx",
+        8001,
+        1,
+        "cpu",
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("WORKERS", "many", "BNSERVE_WORKERS must be an integer, got 'many'"),
+        ("WORKERS", "0", "BNSERVE_WORKERS must be at least 1"),
+        ("DEVICE", "tpu", "BNSERVE_DEVICE must be one of cpu, cuda, auto"),
+    ],
+)
+def test_bad_environment_values_name_the_variable(
+    clean_env: pytest.MonkeyPatch, name: str, value: str, message: str
+) -> None:
+    clean_env.setenv(f"BNSERVE_{name}", value)
+    with pytest.raises(UsageError, match=message):
+        config_from_args(["m.onnx"])
+
+
+def test_gunicorn_settings(clean_env: pytest.MonkeyPatch) -> None:
+    settings = gunicorn_settings(config_from_args(["m.onnx", "--workers", "2", "--host", "::1"]))
+    assert settings["bind"] == ["[::1]:8000"]
+    assert (settings["workers"], settings["worker_class"]) == (2, "sync")
+    assert settings["preload_app"] is False
+    assert settings["control_socket_disable"] is True
+    assert (
+        gunicorn_settings(config_from_args(["m.onnx", "--threads", "4"]))["worker_class"]
+        == "gthread"
+    )
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    return build_mlp_classifier(tmp_path / "m.onnx", seed=3)
+
+
+def _read(out: Path) -> tuple[list[str], np.ndarray, list[str]]:
+    with out.open() as f:
+        rows = list(csv.reader(f))
+    probs = np.array([[float(v) for v in r[2:]] for r in rows[1:]], dtype=np.float32)
+    return rows[0], probs, [r[0] for r in rows[1:]]
+
+
+def test_predict_csv_by_feature_names_in_any_column_order(model: Path, tmp_path: Path) -> None:
+    x = np.random.default_rng(1).normal(size=(20, 8)).astype(np.float32)
+    data = tmp_path / "data.csv"
+    with data.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["target", *reversed(FEATURE_NAMES)])
+        for row in x:
+            writer.writerow([0, *(repr(float(v)) for v in reversed(row))])
+    out = tmp_path / "out.csv"
+    assert main(["predict", str(model), str(data), "-o", str(out)]) == 0
+    header, probs, labels = _read(out)
+    assert header == ["label", "class_index", "p_cat", "p_dog", "p_bird"]
+    expected = reference_run(model, x)
+    np.testing.assert_allclose(probs, expected, rtol=1e-6, atol=1e-9)
+    assert labels == [LABELS[i] for i in expected.argmax(axis=1)]
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []
+
+
+def test_predict_npz_and_headerless_csv_agree(model: Path, tmp_path: Path) -> None:
+    x = np.random.default_rng(2).normal(size=(7, 8))
+    np.savez(tmp_path / "d.npz", X=x)
+    np.savetxt(tmp_path / "d.csv", x, delimiter=",")
+    assert predict_main([str(model), str(tmp_path / "d.npz"), "-o", str(tmp_path / "a.csv")]) == 0
+    assert predict_main([str(model), str(tmp_path / "d.csv"), "-o", str(tmp_path / "b.csv")]) == 0
+    assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
+    np.testing.assert_allclose(_read(tmp_path / "a.csv")[1], reference_run(model, x), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("f0,f1,f2\n1,2,3\n", "5 of the model's feature columns are missing: f3, f4, f5, f6, f7"),
+        ("1,2,3\n", "3 columns, the model expects 8 features"),
+        (
+            ",".join(FEATURE_NAMES) + "\n1,2,3,4,5,6,7,x\n",
+            "line 2, column 'f7': 'x' is not a number",
+        ),
+        (",".join(FEATURE_NAMES) + "\n1,2,3,4,5,6,7,nan\n", "row 0 has NaN or infinite values"),
+    ],
+)
+def test_predict_mismatched_columns_are_clear_errors(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture, content: str, message: str
+) -> None:
+    data = tmp_path / "bad.csv"
+    data.write_text(content)
+    out = tmp_path / "out.csv"
+    assert main(["predict", str(model), str(data), "-o", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_predict_into_a_directory_is_refused_and_keeps_nothing(model: Path, tmp_path: Path) -> None:
+    np.savez(tmp_path / "d.npz", X=np.zeros((2, 8)))
+    with pytest.raises(UsageError, match="is a directory"):
+        predict_main([str(model), str(tmp_path / "d.npz"), "-o", str(tmp_path)])
+
+
+def test_up_trains_converts_and_serves_only_what_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    calls: list[list[str]] = []
+    workdir = tmp_path / "default"
+
+    def fake_main(argv: list[str]) -> int:
+        calls.append(argv)
+        if argv[0] == "train":
+            Path(argv[argv.index("--out") + 1], "checkpoint.npz").write_bytes(b"ckpt")
+        elif argv[0] == "convert":
+            build_mlp_classifier(Path(argv[argv.index("-o") + 1]))
+        return 0
+
+    monkeypatch.setattr(up.cli, "main", fake_main)
+    workdir.mkdir()
+    assert up.up_main(["--dir", str(workdir), "--port", "8123"]) == 0
+    assert [c[0] for c in calls] == ["train", "convert", "serve"]
+    assert calls[0] == ["train", "sklearn:digits", "--out", str(workdir)]
+    assert calls[1] == [
+        "convert",
+        str(workdir / "checkpoint.npz"),
+        "-o",
+        str(workdir / "model.onnx"),
+    ]
+    assert calls[2][:4] == ["serve", str(workdir / "model.onnx"), "--model-name", "digits"]
+    out = capsys.readouterr().out
+    assert "http://127.0.0.1:8123" in out
+    assert "curl -s http://127.0.0.1:8123/predict" in out and '"features":[0.0,0.0,0.0,0.0,' in out
+
+    calls.clear()
+    assert up.up_main(["--dir", str(workdir)]) == 0
+    assert [c[0] for c in calls] == ["serve"]  # both files are there and up to date
+
+
+def test_up_stops_when_a_stage_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(up.cli, "main", lambda argv: 3)
+    with pytest.raises(up.UpError, match=r"'bnserve train sklearn:digits --out .*' failed") as info:
+        up.up_main(["--dir", str(tmp_path)])
+    assert info.value.exit_code == 3
