@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from bnserve import cli
@@ -42,8 +44,16 @@ def up_parser() -> argparse.ArgumentParser:
 
 
 def _run(argv: list[str]) -> None:
-    """Run one `bnserve` subcommand; a non-zero exit stops `up` with that command named."""
-    rc = cli.main(argv)
+    """Run one `bnserve` subcommand; a non-zero exit stops `up` with that command named.
+
+    Training and converting run in a child process: converting imports onnxruntime, and a gunicorn
+    master that has imported onnxruntime leaves its forked workers hanging on exit. Serving runs in
+    this process, so that signals sent to `bnserve up` reach the gunicorn master.
+    """
+    if argv[0] == "serve":
+        rc = cli.main(argv)
+    else:
+        rc = subprocess.run([sys.executable, "-m", "bnserve", *argv], check=False).returncode
     if rc != 0:
         raise UpError(f"'bnserve {' '.join(argv)}' failed (exit {rc})", rc)
 

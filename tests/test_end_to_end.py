@@ -37,13 +37,17 @@ def test_simple_api_matches_checkpoint_and_onnxruntime(pipeline):
     for i, row in enumerate(rows):
         by_name = dict(zip(ckpt.feature_names, row.tolist(), strict=True))
         for features in (row.tolist(), by_name):
-            answer = requests.post(f"{server.url}/predict", json={"features": features}, timeout=10).json()
+            answer = requests.post(
+                f"{server.url}/predict", json={"features": features}, timeout=10
+            ).json()
             probs = np.array([answer["probabilities"][c] for c in ckpt.class_names])
             np.testing.assert_allclose(probs, expected[i], atol=1e-5)
             np.testing.assert_allclose(probs, in_process[i], atol=1e-7)
             assert answer["label"] == ckpt.class_names[int(expected[i].argmax())]
             assert answer["model"] == "iris"
-    batch = requests.post(f"{server.url}/predict", json={"instances": rows.tolist()}, timeout=10).json()
+    batch = requests.post(
+        f"{server.url}/predict", json={"instances": rows.tolist()}, timeout=10
+    ).json()
     labels = [p["label"] for p in batch["predictions"]]
     assert labels == [ckpt.class_names[k] for k in expected.argmax(1)]
 
@@ -76,3 +80,47 @@ def test_predict_command_matches_checkpoint(pipeline, tmp_path):
         scored = list(csv.DictReader(f))
     expected = ckpt.predict_proba(data.X[:20])
     assert [r["label"] for r in scored] == [ckpt.class_names[k] for k in expected.argmax(1)]
+
+
+def test_up_trains_converts_serves_and_stops_quickly(tmp_path):
+    """`bnserve up` on a fresh folder: train, convert, serve; SIGTERM stops it within seconds."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.service.support import REPO_ROOT, free_port
+
+    port = free_port()
+    log = (tmp_path / "up.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bnserve", "up", "--data", "sklearn:iris", "--dir", str(tmp_path / "m"), "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "up.log").read_text()
+            try:
+                if (
+                    requests.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2).status_code
+                    == 200
+                ):
+                    break
+            except requests.RequestException:
+                time.sleep(0.3)
+        answer = requests.post(
+            f"http://127.0.0.1:{port}/predict", json={"features": [5.1, 3.5, 1.4, 0.2]}, timeout=5
+        )
+        assert answer.status_code == 200 and answer.json()["label"] == "setosa"
+        assert (tmp_path / "m" / "checkpoint.npz").exists() and (
+            tmp_path / "m" / "model.onnx"
+        ).exists()
+        printed = (tmp_path / "up.log").read_text()
+        assert f"http://127.0.0.1:{port}" in printed and "curl -s" in printed
+    finally:
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert time.monotonic() - started < 15
