@@ -2,7 +2,9 @@
 own optimizer (ORT_ENABLE_ALL, saved with optimized_model_filepath, then loaded as is).
 
 Networks: 64-256-256-10 and 784-1024-1024-10, BN "before", ReLU, RANDOM checkpoints (He init,
-random BN statistics): speed does not depend on trained values. CPU execution provider with
+random BN statistics): speed does not depend on trained values. With torch installed, the small
+network also as a PyTorch module (Linear-BN-ReLU, eval mode) exported by torch.onnx.export
+(dynamo=False, BN kept) before and after `bnserve fold`. CPU execution provider with
 onnxruntime's default thread count. Every ratio is measured in the same run.
 
     python bench/fold_speed.py [--seconds 1.0]
@@ -11,6 +13,7 @@ onnxruntime's default thread count. Every ratio is measured in the same run.
 from __future__ import annotations
 
 import argparse
+import itertools
 import platform
 import tempfile
 import time
@@ -41,6 +44,31 @@ def random_checkpoint(layers: tuple[int, ...], seed: int = 0) -> Checkpoint:
         class_names=[str(c) for c in range(layers[-1])],
         feature_names=[f"x{j}" for j in range(layers[0])],
     )
+
+
+def torch_variants(tmp: Path, layers: tuple[int, ...]) -> dict[str, Path]:
+    """The same shape of network from PyTorch: its own export, and that export folded."""
+    try:
+        import torch
+    except ImportError:
+        return {}
+    from converter.foreign import fold_onnx_file
+
+    torch.manual_seed(0)
+    mods: list[torch.nn.Module] = []
+    for a, b in itertools.pairwise(layers[:-1]):
+        mods += [torch.nn.Linear(a, b), torch.nn.BatchNorm1d(b), torch.nn.ReLU()]
+    net = torch.nn.Sequential(*mods, torch.nn.Linear(layers[-2], layers[-1]), torch.nn.Softmax(1))
+    torch.onnx.export(
+        net.eval(),
+        (torch.randn(2, layers[0]),),
+        str(tmp / "torch.onnx"),
+        dynamo=False,
+        input_names=["input"],
+        dynamic_axes={"input": {0: "batch"}},
+    )
+    fold_onnx_file(tmp / "torch.onnx", tmp / "torch_folded.onnx")
+    return {"torch export": tmp / "torch.onnx", "torch+bnserve fold": tmp / "torch_folded.onnx"}
 
 
 def session(path: Path, level: ort.GraphOptimizationLevel) -> ort.InferenceSession:
@@ -95,6 +123,8 @@ def main() -> None:
                 "no-fold": tmp / "unfolded.onnx",
                 "no-fold + ORT opt": tmp / "ort_opt.onnx",
             }
+            if layers[0] == 64:
+                variants.update(torch_variants(tmp, layers))
             rng = np.random.default_rng(1)
             results = {}
             for label, path in variants.items():
@@ -113,7 +143,7 @@ def main() -> None:
                     f"{name:<20}{label:<22}{sum(ops.values()):<7}{p50 * 1e6:>11.1f}{p99 * 1e6:>11.1f}{r64:>13,.0f}{r1024:>15,.0f}"
                 )
             f = results["folded"]
-            for label in ("no-fold", "no-fold + ORT opt"):
+            for label in [v for v in variants if v != "folded"]:
                 o = results[label]
                 print(
                     f"{'':<20}{'folded vs ' + label:<29}{o[0] / f[0]:>10.2f}x{o[1] / f[1]:>10.2f}x"

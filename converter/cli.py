@@ -1,5 +1,5 @@
-"""`bnserve convert` and `bnserve inspect`: argument parsing and printing only; the work is in
-`converter.convert` and `converter.inspect`. Errors are raised as BnserveError subclasses and the
+"""`bnserve convert`, `bnserve fold` and `bnserve inspect`: argument parsing and printing only; the
+work is in `converter.convert`, `converter.foreign` and `converter.inspect`. Errors are raised as BnserveError subclasses and the
 dispatcher (bnserve/cli.py) turns them into `bnserve CMD: error: ...` and the exit code."""
 
 from __future__ import annotations
@@ -70,6 +70,61 @@ def convert_main(argv: list[str]) -> int:
             f"(unfolded float32 {pr['unfolded_float32_max_abs_diff']:.3g}, allowed {pr['tolerance']:.3g}), "
             f"argmax agreement {pr['argmax_agreement'] * 100:.2f}%"
         )
+    return 0
+
+
+def _fold_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bnserve fold",
+        description="Fold BatchNormalization (and constant input standardization) into the linear "
+        "layers of an ONNX model exported by another framework (e.g. torch.onnx.export), and "
+        "write it only after it matches the original model in onnxruntime.",
+    )
+    p.add_argument("model", help="ONNX file to fold")
+    p.add_argument("-o", "--output", required=True, help="ONNX file to write")
+    p.add_argument("--report", help="also write the fold and parity report to this JSON file")
+    p.add_argument(
+        "--atol",
+        type=float,
+        default=1e-5,
+        help="parity tolerance, relative to max(1, largest |output|) (default 1e-5)",
+    )
+    p.add_argument(
+        "--probe",
+        help="probe inputs (.npy, shaped like the model input) instead of seeded random rows",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    return p
+
+
+def fold_main(argv: list[str]) -> int:
+    args = _fold_parser().parse_args(argv)
+    from converter.foreign import fold_onnx_file
+
+    def warn(msg: str) -> None:
+        print(f"bnserve fold: warning: {msg}", file=sys.stderr)
+
+    result = fold_onnx_file(
+        args.model,
+        args.output,
+        atol=args.atol,
+        probe=args.probe,
+        report_path=args.report,
+        warn=warn,
+    )
+    if not args.quiet:
+        rep, pr = result.fold_report, result.parity_report
+        folded = sum(b["status"] == "folded" for b in rep["batchnorms"])
+        print(
+            f"wrote {result.path}: {folded} of {len(rep['batchnorms'])} BatchNormalization folded, "
+            f"{rep['nodes_before']} -> {rep['nodes_after']} nodes\n"
+            f"parity on {pr['probes']} probes vs the input model: max |diff| "
+            f"{pr['max_abs_diff']:.3g} (allowed {pr['tolerance']:.3g}), "
+            f"argmax agreement {pr['argmax_agreement'] * 100:.2f}%"
+        )
+        for b in rep["batchnorms"]:
+            if b["status"] != "folded":
+                print(f"  kept {b['node']!r}: {b.get('reason')}")
     return 0
 
 

@@ -113,9 +113,35 @@ def _g(x: Any) -> str:
     return f"{x:.3g}" if isinstance(x, float) else str(x)
 
 
+def _foreign_fold_lines(report: dict[str, Any]) -> list[str]:
+    """The report of `bnserve fold` (a model exported by another framework)."""
+    bns = report.get("batchnorms", [])
+    folded = sum(b.get("status") == "folded" for b in bns)
+    lines = [
+        f"  fold report (bnserve fold): {folded} of {len(bns)} BatchNormalization folded; "
+        f"{report.get('nodes_before')} -> {report.get('nodes_after')} nodes, "
+        f"{report.get('initializers_before')} -> {report.get('initializers_after')} initializers"
+    ]
+    for b in [*bns, *report.get("affine_ops", [])]:
+        what = f"{b.get('status')} {b.get('how', '')} {b.get('into', '')!r}"
+        if b.get("status") != "folded":
+            what = f"{b.get('status')}: {b.get('reason')}"
+        stats = ""
+        if "min_var" in b:
+            stats = f"; eps {_g(b.get('epsilon'))}, min var {_g(b.get('min_var'))}, max |s| {_g(b.get('max_abs_s'))}"
+        flag = "  WARNING: large scale" if b.get("large_scale") else ""
+        lines.append(
+            f"    {b.get('node')} ({b.get('op', 'BatchNormalization')}): {what}{stats}{flag}"
+        )
+    lines += [f"    warning: {w}" for w in report.get("warnings", [])]
+    return lines
+
+
 def _fold_lines(report: Any) -> list[str]:
     if not isinstance(report, dict):
         return [f"  fold report: {report}"]
+    if report.get("kind") == "foreign":
+        return _foreign_fold_lines(report)
     lines = [
         f"  fold report: {'folded' if report.get('folded') else 'not folded (--no-fold)'}, "
         f"BN placement {report.get('placement')}, activation {report.get('activation')}"
@@ -143,10 +169,14 @@ def _parity_lines(report: Any) -> list[str]:
     levels = ", ".join(
         f"{k} {_g(v)}" for k, v in (report.get("max_abs_diff_by_level") or {}).items()
     )
+    # bnserve fold compares with the input model in onnxruntime, convert with float64 numpy.
+    foreign = "reference" in report
+    diff = "max |diff| vs input model" if foreign else "max |p - p_float64|"
+    floor = "input model float32" if foreign else "unfolded float32"
     lines = [
         f"  parity report: {'passed' if report.get('passed') else 'FAILED'} on {report.get('probes')} probes",
-        f"    max |p - p_float64| {_g(report.get('max_abs_diff'))} ({levels}); "
-        f"unfolded float32 {_g(report.get('unfolded_float32_max_abs_diff'))}; "
+        f"    {diff} {_g(report.get('max_abs_diff'))} ({levels}); "
+        f"{floor} {_g(report.get('unfolded_float32_max_abs_diff'))}; "
         f"allowed {_g(report.get('tolerance'))} (atol {_g(report.get('atol'))})",
         f"    argmax agreement {report.get('argmax_agreement', 0) * 100:.2f}% "
         f"({report.get('near_ties')} near ties)",
@@ -186,6 +216,7 @@ def format_description(desc: dict[str, Any], title: str = "") -> str:
             "converter_version",
             "source_sha256",
             "data_fingerprint",
+            "fold_source_sha256",
         ):
             if key in b:
                 lines.append(f"  {key}: {b[key] or '-'}")
