@@ -43,6 +43,11 @@ def up_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run_in_child(argv: list[str]) -> int:
+    """`bnserve ARGV` in a child Python process; returns its exit code."""
+    return subprocess.run([sys.executable, "-m", "bnserve", *argv], check=False).returncode
+
+
 def _run(argv: list[str]) -> None:
     """Run one `bnserve` subcommand; a non-zero exit stops `up` with that command named.
 
@@ -50,10 +55,7 @@ def _run(argv: list[str]) -> None:
     master that has imported onnxruntime leaves its forked workers hanging on exit. Serving runs in
     this process, so that signals sent to `bnserve up` reach the gunicorn master.
     """
-    if argv[0] == "serve":
-        rc = cli.main(argv)
-    else:
-        rc = subprocess.run([sys.executable, "-m", "bnserve", *argv], check=False).returncode
+    rc = cli.main(argv) if argv[0] == "serve" else run_in_child(argv)
     if rc != 0:
         raise UpError(f"'bnserve {' '.join(argv)}' failed (exit {rc})", rc)
 

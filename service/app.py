@@ -1,7 +1,9 @@
 """The Flask application factory: configuration, models, routes, errors. No module-level app.
 
 gunicorn calls `create_app` in each worker after the fork (the app is never preloaded in the
-master), so the onnxruntime sessions it creates belong to that worker alone.
+master), so the onnxruntime sessions it creates belong to that worker alone. The returned Flask
+app has the gateway (service/gateway.py) installed as its `wsgi_app`: request ids, auth, metrics,
+access log, hot-reload watch and the `POST /predict` fast path sit in front of the routes.
 """
 
 from __future__ import annotations
@@ -9,15 +11,43 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask
+import orjson
+from flask import Flask, request
 
 from service import simple_api, v2
+from service.auth import BearerAuth, read_tokens
 from service.config import ServiceConfig
 from service.errors import install_error_handlers
+from service.gateway import AccessLog, Gateway
+from service.metrics import get_metrics
+from service.openapi import openapi_document
 from service.registry import ModelRegistry
 from service.repository import find_models
 
 log = logging.getLogger("bnserve.service")
+
+
+def build_registry(config: ServiceConfig) -> tuple[ModelRegistry, Any]:
+    """Load every model: from the store's copies when `bnserve serve` set one up, else the files."""
+    store = None
+    if config.runtime_dir:
+        from service.reload import ModelStore, repository_of
+
+        store = ModelStore(config.runtime_dir)
+        state = store.read()
+        registry = ModelRegistry(repository_of(state), config.model_name)
+        registry.hashes = {
+            (name, int(v)): entry["sha256"]
+            for name, versions in state["models"].items()
+            for v, entry in versions.items()
+        }
+        registry.generation = state["generation"]
+        registry.draining = bool(state.get("draining"))
+    else:
+        registry = ModelRegistry(find_models(config.model, config.model_name), config.model_name)
+    registry.metrics = get_metrics()
+    registry.load_all(config.device, config.intra_op_threads, config.output_kind)
+    return registry, store
 
 
 def create_app(
@@ -26,14 +56,35 @@ def create_app(
     """Build the app for `config`; loads and warms up every model unless `registry` is given."""
     if not isinstance(config, ServiceConfig):
         config = ServiceConfig.from_mapping(config)
+    store = None
     if registry is None:
-        registry = ModelRegistry(find_models(config.model, config.model_name), config.model_name)
-        registry.load_all(config.device, config.intra_op_threads, config.output_kind)
+        registry, store = build_registry(config)
+    metrics = get_metrics()
+    registry.attach_metrics(metrics)
     app = Flask("bnserve")
     app.json.sort_keys = False
     app.extensions["bnserve.config"] = config
     app.extensions["bnserve.registry"] = registry
+    app.extensions["bnserve.store"] = store
     install_error_handlers(app)
     app.register_blueprint(simple_api.create_blueprint())
     app.register_blueprint(v2.create_blueprint())
+
+    @app.before_request
+    def _route_label() -> None:
+        rule = request.url_rule  # None for 404: the gateway labels those "unmatched"
+        request.environ["bnserve.route"] = rule.rule if rule is not None else None
+
+    tokens = read_tokens(config.token_file) if config.token_file else None
+    access = config.access_log and config.log_level in ("debug", "info")
+    app.wsgi_app = Gateway(  # type: ignore[method-assign]
+        app.wsgi_app,
+        config,
+        registry,
+        metrics=metrics,
+        access_log=AccessLog() if access else None,
+        auth=BearerAuth(tokens, config.public_metrics) if tokens else None,
+        store=store,
+        openapi=orjson.dumps(openapi_document(registry, config)),
+    )
     return app

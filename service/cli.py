@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from bnserve.errors import UsageError
 from service.config import (
@@ -20,6 +24,7 @@ from service.config import (
     OUTPUT_KINDS,
     ServiceConfig,
     default_workers,
+    env_bool,
     env_float,
     env_int,
     env_str,
@@ -63,7 +68,10 @@ def serve_parser() -> argparse.ArgumentParser:
         description="Serve an ONNX classifier (or a Triton-layout model repository) with gunicorn.",
         epilog="Environment defaults: BNSERVE_MODEL, BNSERVE_MODEL_NAME, BNSERVE_DEVICE, "
         "BNSERVE_WORKERS, BNSERVE_THREADS, BNSERVE_PORT, BNSERVE_HOST, BNSERVE_LOG_LEVEL, "
-        "BNSERVE_MAX_BATCH, BNSERVE_MAX_BODY_MB; flags win.",
+        "BNSERVE_MAX_BATCH, BNSERVE_MAX_BODY_MB, BNSERVE_TIMEOUT, BNSERVE_TOKEN_FILE, "
+        "BNSERVE_PUBLIC_METRICS, BNSERVE_DRAIN_SECONDS, BNSERVE_MAX_REQUESTS, "
+        "BNSERVE_MAX_REQUESTS_JITTER, BNSERVE_ACCESS_LOG, BNSERVE_RUNTIME_DIR, "
+        "BNSERVE_METRICS_DIR (else PROMETHEUS_MULTIPROC_DIR); flags win.",
     )
     p.add_argument(
         "model",
@@ -132,8 +140,77 @@ def serve_parser() -> argparse.ArgumentParser:
         "--log-level",
         choices=LOG_LEVELS,
         default=_choice_env("BNSERVE_LOG_LEVEL", "info", LOG_LEVELS),
+        help="the JSON access log is written at info and debug (default: info)",
+    )
+    p.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=env_bool("BNSERVE_ACCESS_LOG", True),
+        help="one JSON line per request on stderr (default: on)",
+    )
+    p.add_argument(
+        "--token-file",
+        default=env_str("BNSERVE_TOKEN_FILE", None),
+        help="require 'Authorization: Bearer <token>' with a token from this file (one per "
+        "line); health routes stay open",
+    )
+    p.add_argument(
+        "--public-metrics",
+        action=argparse.BooleanOptionalAction,
+        default=env_bool("BNSERVE_PUBLIC_METRICS", False),
+        help="with --token-file: serve /metrics without a token (default: token needed)",
+    )
+    p.add_argument(
+        "--drain-seconds",
+        type=_non_negative,
+        default=env_float("BNSERVE_DRAIN_SECONDS", 0.0, allow_zero=True),
+        help="on SIGTERM, answer readiness 503 while serving for this long, then stop "
+        "gracefully (default: 0, stop at once)",
+    )
+    p.add_argument(
+        "--max-requests",
+        type=_non_negative_int,
+        default=env_int("BNSERVE_MAX_REQUESTS", 0, minimum=0),
+        help="recycle a worker after this many requests (default: 0, never)",
+    )
+    p.add_argument(
+        "--max-requests-jitter",
+        type=_non_negative_int,
+        default=env_int("BNSERVE_MAX_REQUESTS_JITTER", -1, minimum=0),
+        help="random extra requests per worker before recycling (default: max-requests / 10)",
+    )
+    p.add_argument(
+        "--runtime-dir",
+        default=env_str("BNSERVE_RUNTIME_DIR", None),
+        help="writable directory for the model copies and reload state "
+        "(default: a new one under the temp directory, removed at exit)",
+    )
+    p.add_argument(
+        "--metrics-dir",
+        default=env_str("BNSERVE_METRICS_DIR", env_str("PROMETHEUS_MULTIPROC_DIR", None)),
+        help="prometheus multiprocess files, emptied at start (default: RUNTIME_DIR/metrics)",
     )
     return p
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
 
 
 def config_from_args(argv: list[str]) -> ServiceConfig:
@@ -157,6 +234,16 @@ def config_from_args(argv: list[str]) -> ServiceConfig:
         output_kind=args.output_kind,
         log_level=args.log_level,
         timeout=args.timeout,
+        access_log=args.access_log,
+        token_file=args.token_file,
+        public_metrics=args.public_metrics,
+        drain_seconds=args.drain_seconds,
+        max_requests=args.max_requests,
+        max_requests_jitter=(
+            args.max_requests // 10 if args.max_requests_jitter < 0 else args.max_requests_jitter
+        ),
+        runtime_dir=args.runtime_dir,
+        metrics_dir=args.metrics_dir,
     )
 
 
@@ -202,8 +289,35 @@ def serve_main(argv: list[str]) -> int:
                 details["output_kind"],
                 details["device"],
             )
-    BnserveApplication(config, repository).run()
+    config, cleanup = prepare_runtime(config, repository)
+    master = os.getpid()
+    try:
+        BnserveApplication(config, repository).run()
+    finally:
+        if cleanup is not None and os.getpid() == master:  # workers leave through here too
+            shutil.rmtree(cleanup, ignore_errors=True)
     return 0
+
+
+def prepare_runtime(config: ServiceConfig, repository: Any) -> tuple[ServiceConfig, Path | None]:
+    """Before forking: token check, metrics directory, model store; returns the directory to
+    remove at exit (the default runtime directory), if any."""
+    from service.auth import read_tokens
+    from service.metrics import prepare_dir
+    from service.reload import ModelStore
+
+    if config.token_file:
+        read_tokens(config.token_file)  # refuse to start with no usable token
+    cleanup = None
+    if config.runtime_dir:
+        runtime_dir = Path(config.runtime_dir)
+    else:
+        runtime_dir = cleanup = Path(tempfile.mkdtemp(prefix="bnserve-"))
+    metrics_dir = prepare_dir(config.metrics_dir or runtime_dir / "metrics")
+    ModelStore(runtime_dir).init(repository)
+    log.debug("runtime directory %s, metrics in %s", runtime_dir, metrics_dir)
+    config = replace(config, runtime_dir=str(runtime_dir), metrics_dir=str(metrics_dir))
+    return config, cleanup
 
 
 def predict_parser() -> argparse.ArgumentParser:

@@ -42,6 +42,15 @@ class ServiceConfig:
     output_kind: str = "auto"
     log_level: str = "info"
     timeout: int = 30
+    # Operations (issue 8): see service/gateway.py, service/metrics.py, service/reload.py.
+    access_log: bool = True
+    token_file: str | None = None
+    public_metrics: bool = False
+    drain_seconds: float = 0.0
+    max_requests: int = 0
+    max_requests_jitter: int = 0
+    runtime_dir: str | None = None  # model store and state file (set by `bnserve serve`)
+    metrics_dir: str | None = None  # prometheus multiprocess files (set by `bnserve serve`)
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> ServiceConfig:
@@ -73,7 +82,7 @@ def env_int(name: str, default: int, minimum: int = 1) -> int:
     return value
 
 
-def env_float(name: str, default: float) -> float:
+def env_float(name: str, default: float, allow_zero: bool = False) -> float:
     """A positive number from the environment, with a message naming the variable when bad."""
     raw = env_str(name, None)
     if raw is None:
@@ -82,6 +91,19 @@ def env_float(name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise UsageError(f"{name} must be a number, got {raw!r}") from None
-    if not value > 0:
+    if not (value > 0 or (allow_zero and value == 0)):
         raise UsageError(f"{name} must be positive, got {raw!r}")
     return value
+
+
+def env_bool(name: str, default: bool) -> bool:
+    """A yes/no environment variable (1/0, true/false, yes/no, on/off)."""
+    raw = env_str(name, None)
+    if raw is None:
+        return default
+    value = raw.lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise UsageError(f"{name} must be true or false, got {raw!r}")

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import time
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.arbiter import Arbiter
 
 from service.config import ServiceConfig
 from service.repository import Repository
@@ -39,6 +42,9 @@ def gunicorn_settings(config: ServiceConfig) -> dict[str, Any]:
         "accesslog": None,
         "proc_name": "bnserve",
         "when_ready": when_ready,
+        "child_exit": child_exit,
+        "max_requests": config.max_requests,
+        "max_requests_jitter": config.max_requests_jitter,
         # gunicorn >= 25.1 opens a control socket under $HOME by default; a read-only HOME (a
         # container) or two servers for one user would collide, and nothing here uses it.
         "control_socket_disable": True,
@@ -55,6 +61,66 @@ def when_ready(server: Any) -> None:
     log.info("bnserve is listening on %s with %d worker(s)", addresses, server.num_workers)
 
 
+def child_exit(server: Any, worker: Any) -> None:
+    """A worker exited (or was killed): drop its live metric gauges."""
+    from service.metrics import mark_dead
+
+    mark_dead(worker.pid)
+
+
+class BnserveArbiter(Arbiter):
+    """gunicorn's master with two changes, both for operations (issue 8):
+
+    - SIGHUP reloads the models (service/reload.py: validate, then switch every worker through
+      the state file) instead of replacing the workers; a bad file changes nothing.
+    - SIGTERM with `--drain-seconds N`: readiness answers 503 in every worker while they keep
+      serving for N seconds, then the usual graceful stop. A second SIGTERM stops at once.
+    """
+
+    def __init__(self, app: BnserveApplication) -> None:
+        super().__init__(app)
+        self.bnserve_config: ServiceConfig = app.config
+        self.drain_deadline: float | None = None
+
+    def _store(self) -> Any:
+        from service.reload import ModelStore
+
+        runtime_dir = self.bnserve_config.runtime_dir
+        return ModelStore(runtime_dir) if runtime_dir else None
+
+    def handle_hup(self) -> None:
+        store = self._store()
+        if store is None:
+            super().handle_hup()
+            return
+        from service.reload import reload_models
+
+        self.log.info("SIGHUP: reloading the models")
+        try:
+            results = reload_models(store, self.bnserve_config)
+        except Exception:  # the master must survive whatever a reload meets
+            self.log.exception("model reload failed")
+            return
+        for name, result in results.items():
+            self.log.info("reload %s: %s", name, result["result"])
+
+    def handle_term(self) -> None:
+        drain = self.bnserve_config.drain_seconds
+        if drain <= 0 or self.drain_deadline is not None:
+            raise StopIteration
+        store = self._store()
+        if store is not None:
+            store.set_draining()
+        self.drain_deadline = time.monotonic() + drain
+        self.log.info("SIGTERM: draining for %.1f s (readiness answers 503), then stopping", drain)
+
+    def murder_workers(self) -> None:
+        super().murder_workers()
+        if self.drain_deadline is not None and time.monotonic() >= self.drain_deadline:
+            self.log.info("drain period over: stopping gracefully")
+            raise StopIteration
+
+
 class BnserveApplication(BaseApplication):
     """gunicorn's application API: settings from our config, app built in each worker."""
 
@@ -69,6 +135,13 @@ class BnserveApplication(BaseApplication):
         self.settings = gunicorn_settings(config) if settings is None else settings
         super().__init__()
 
+    def run(self) -> None:
+        try:
+            BnserveArbiter(self).run()
+        except RuntimeError as exc:
+            print(f"\nError: {exc}\n", file=sys.stderr)
+            sys.exit(1)
+
     def load_config(self) -> None:
         for key, value in self.settings.items():
             if key in self.cfg.settings:  # older gunicorn has no control-socket settings
@@ -76,9 +149,11 @@ class BnserveApplication(BaseApplication):
 
     def load(self) -> Any:
         from service.app import create_app
+
+        if self.config.runtime_dir:  # the models come from the store's copies (reload.py)
+            return create_app(self.config)
         from service.registry import ModelRegistry
 
-        config = self.config
-        registry = ModelRegistry(self.repository, config.model_name)
-        registry.load_all(config.device, config.intra_op_threads, config.output_kind)
-        return create_app(config, registry)
+        registry = ModelRegistry(self.repository, self.config.model_name)
+        registry.load_all(self.config.device, self.config.intra_op_threads, self.config.output_kind)
+        return create_app(self.config, registry)

@@ -21,9 +21,23 @@ from service.config import ServiceConfig
 _MARKER = "BNSERVE_PROBE "
 
 
-def probe_models(config: ServiceConfig, timeout: float = 600.0) -> dict[str, Any]:
-    """Run the probe child; returns {"device": ..., "models": {...}} or raises ModelError."""
-    request = json.dumps(dataclasses.asdict(config))
+def probe_models(
+    config: ServiceConfig,
+    repository: dict[str, dict[int, Any]] | None = None,
+    timeout: float = 600.0,
+) -> dict[str, Any]:
+    """Run the probe child; returns {"device": ..., "models": {...}} or raises ModelError.
+
+    With `repository` ({name: {version: path}}) those files are checked instead of
+    `config.model` (a hot-reload candidate).
+    """
+    document: dict[str, Any] = {"config": dataclasses.asdict(config)}
+    if repository is not None:
+        document["repository"] = {
+            name: {str(v): str(p) for v, p in versions.items()}
+            for name, versions in repository.items()
+        }
+    request = json.dumps(document)
     try:
         done = subprocess.run(
             [sys.executable, "-m", "service.probe"],
@@ -49,11 +63,20 @@ def probe_models(config: ServiceConfig, timeout: float = 600.0) -> dict[str, Any
     return result
 
 
-def _probe(config: ServiceConfig) -> dict[str, Any]:
+def _probe(config: ServiceConfig, repository: dict[str, Any] | None = None) -> dict[str, Any]:
+    from pathlib import Path
+
     from service.registry import ModelRegistry
     from service.repository import find_models
 
-    registry = ModelRegistry(find_models(config.model, config.model_name), config.model_name)
+    if repository is None:
+        found = find_models(config.model, config.model_name)
+    else:
+        found = {
+            name: {int(v): Path(p) for v, p in versions.items()}
+            for name, versions in repository.items()
+        }
+    registry = ModelRegistry(found, config.model_name if repository is None else None)
     registry.load_all(config.device, config.intra_op_threads, config.output_kind)
     errors = [e for m in registry.models.values() for e in m.errors.values()]
     if errors:
@@ -78,9 +101,10 @@ def main() -> int:
     """Child entry point: config JSON on stdin, one marked JSON line on stdout."""
     from bnserve.errors import BnserveError
 
-    config = ServiceConfig(**json.loads(sys.stdin.read()))
+    document = json.loads(sys.stdin.read())
+    config = ServiceConfig(**document["config"])
     try:
-        result = _probe(config)
+        result = _probe(config, document.get("repository"))
     except BnserveError as exc:
         result = {"error": str(exc)}
     print(_MARKER + json.dumps(result), flush=True)

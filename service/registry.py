@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bnserve.errors import BnserveError
 from service.errors import BadRequestError, NotFoundError, NotReadyError
@@ -47,28 +48,101 @@ class ModelRegistry:
         if default_model is None and len(self.models) == 1:
             default_model = next(iter(self.models))
         self.default_model = default_model
+        self.draining = False  # set from the state file after SIGTERM with --drain-seconds
+        self.generation = -1  # the state file generation applied (service/reload.py)
+        self.hashes: dict[tuple[str, int], str] = {}
+        self.metrics: Any = None  # service.metrics.Metrics, when the app counts
 
     def load_all(self, device: str, intra_op_threads: int, output_kind: str) -> None:
         """Load every version; failures are logged and leave that version not ready."""
         for model in self.models.values():
             for version, path in model.paths.items():
-                try:
-                    runtime = ModelRuntime.load(
-                        path, model.name, version, device, intra_op_threads, output_kind
-                    )
-                except BnserveError as exc:
-                    model.errors[version] = str(exc)
-                    log.error("model %s version %d not loaded: %s", model.name, version, exc)
+                runtime = self._load(
+                    model.name, version, path, device, intra_op_threads, output_kind
+                )
+                if isinstance(runtime, str):
+                    model.errors[version] = runtime
                 else:
                     model.loaded[version] = runtime
-                    log.debug(
-                        "loaded %s v%d from %s on %s in %.3f s",
-                        model.name,
-                        version,
-                        path,
-                        runtime.device,
-                        runtime.load_seconds,
-                    )
+
+    def _load(
+        self,
+        name: str,
+        version: int,
+        path: Path,
+        device: str,
+        intra_op_threads: int,
+        output_kind: str,
+    ) -> ModelRuntime | str:
+        """A loaded runtime, or the reason it could not be loaded (logged and counted)."""
+        try:
+            runtime = ModelRuntime.load(path, name, version, device, intra_op_threads, output_kind)
+        except BnserveError as exc:
+            log.error("model %s version %d not loaded: %s", name, version, exc)
+            if self.metrics is not None:
+                self.metrics.model_loads.labels(name, "failed").inc()
+            return str(exc)
+        log.debug(
+            "loaded %s v%d from %s on %s in %.3f s",
+            name,
+            version,
+            path,
+            runtime.device,
+            runtime.load_seconds,
+        )
+        if self.metrics is not None:
+            self.metrics.model_loads.labels(name, "ok").inc()
+            runtime.observe = self.metrics.inference_observer(name)
+        return runtime
+
+    def attach_metrics(self, metrics: Any) -> None:
+        """Count into `metrics` from now on, and publish what is loaded."""
+        self.metrics = metrics
+        for model in self.models.values():
+            for version, runtime in model.loaded.items():
+                runtime.observe = metrics.inference_observer(model.name)
+                sha = self.hashes.get((model.name, version), "")
+                metrics.served(model.name, version, runtime.device, sha, True)
+
+    def apply_state(
+        self, state: dict[str, Any], device: str, intra_op_threads: int, output_kind: str
+    ) -> None:
+        """Switch to the state file's models (hot reload), loading only what changed.
+
+        A version that fails to load here keeps serving its previous runtime: the master
+        validated the file, so this is a local problem (memory, a vanished copy), logged.
+        """
+        from service.reload import repository_of
+
+        self.draining = bool(state.get("draining"))
+        if state["generation"] == self.generation:
+            return
+        models: dict[str, ModelVersions] = {}
+        hashes: dict[tuple[str, int], str] = {}
+        for name, paths in repository_of(state).items():
+            old = self.models.get(name)
+            model = models[name] = ModelVersions(name, paths)
+            for version, path in paths.items():
+                sha = state["models"][name][str(version)]["sha256"]
+                previous = old.loaded.get(version) if old is not None else None
+                if previous is not None and self.hashes.get((name, version)) == sha:
+                    model.loaded[version], hashes[(name, version)] = previous, sha
+                    continue
+                runtime = self._load(name, version, path, device, intra_op_threads, output_kind)
+                if isinstance(runtime, str):
+                    if previous is None:
+                        model.errors[version] = runtime
+                        continue
+                    runtime, sha = previous, self.hashes.get((name, version), "")
+                model.loaded[version], hashes[(name, version)] = runtime, sha
+        if self.metrics is not None:
+            for (name, version), sha in self.hashes.items():
+                runtime = self.models[name].loaded.get(version) if name in self.models else None
+                if runtime is not None and hashes.get((name, version)) != sha:
+                    self.metrics.served(name, version, runtime.device, sha, False)
+            for (name, version), sha in hashes.items():
+                self.metrics.served(name, version, models[name].loaded[version].device, sha, True)
+        self.models, self.hashes, self.generation = models, hashes, state["generation"]
 
     @property
     def ready(self) -> bool:

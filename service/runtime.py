@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -92,6 +93,7 @@ class ModelRuntime:
     device: str
     n_classes: int
     load_seconds: float
+    observe: Callable[[float], None] | None = None  # the inference latency histogram
 
     @classmethod
     def load(
@@ -152,7 +154,12 @@ class ModelRuntime:
         """Run the graph on a `[batch, F]` array (cast to the input's dtype)."""
         if x.dtype != self.info.input.dtype:
             x = x.astype(self.info.input.dtype)
-        return self.session.run(output_names, {self.info.input.name: x})
+        if self.observe is None:
+            return self.session.run(output_names, {self.info.input.name: x})
+        start = time.perf_counter()
+        outputs = self.session.run(output_names, {self.info.input.name: x})
+        self.observe(time.perf_counter() - start)
+        return outputs
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
         """Class probabilities `[batch, C]` float32: softmax applied when the model gives logits."""

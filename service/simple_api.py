@@ -169,6 +169,25 @@ def explain(registry: ModelRegistry, runtime: ModelRuntime, max_batch: int) -> d
     }
 
 
+def predict_body(
+    registry: ModelRegistry,
+    name: str | None,
+    version: str | None,
+    environ: dict[str, Any],
+    max_body_bytes: int,
+    max_batch: int,
+) -> bytes:
+    """The whole `POST /predict`: read and parse the body, run, encode (raises BnserveError).
+
+    Shared by the Flask route and the gateway's fast path (service/gateway.py).
+    """
+    runtime = registry.get(name, version)
+    body = parse_json_object(read_body(environ, max_body_bytes), EXAMPLE)
+    x, batched, top_k = parse_predict_request(body, runtime, max_batch)
+    answers = predictions(runtime, runtime.probabilities(x), top_k)
+    return dumps({"predictions": answers} if batched else answers[0])
+
+
 def create_blueprint() -> Blueprint:
     """The simple API's routes."""
     bp = Blueprint("simple_api", __name__)
@@ -182,10 +201,12 @@ def create_blueprint() -> Blueprint:
         runtime = registry.get(name, version)
         if request.method == "GET":
             return _json(explain(registry, runtime, config.max_batch))
-        body = parse_json_object(read_body(request.environ, config.max_body_bytes), EXAMPLE)
-        x, batched, top_k = parse_predict_request(body, runtime, config.max_batch)
-        answers = predictions(runtime, runtime.probabilities(x), top_k)
-        return _json({"predictions": answers} if batched else answers[0])
+        return Response(
+            predict_body(
+                registry, name, version, request.environ, config.max_body_bytes, config.max_batch
+            ),
+            mimetype="application/json",
+        )
 
     @bp.route("/predict", methods=["GET", "POST"])
     def predict_default() -> Response:
@@ -202,7 +223,8 @@ def create_blueprint() -> Blueprint:
     @bp.route("/health", methods=["GET"])
     def health() -> Response:
         registry: ModelRegistry = current_app.extensions["bnserve.registry"]
-        return _json(health_document(registry), 200 if registry.ready else 503)
+        ready = registry.ready and not registry.draining
+        return _json(health_document(registry), 200 if ready else 503)
 
     return bp
 
@@ -219,8 +241,9 @@ def health_document(registry: ModelRegistry) -> dict[str, Any]:
             "device": loaded.device if loaded else None,
             "errors": {str(v): e for v, e in model.errors.items()} or None,
         }
+    ready = registry.ready and not registry.draining
     return {
-        "status": "ok" if registry.ready else "not ready",
-        "ready": registry.ready,
+        "status": "draining" if registry.draining else ("ok" if ready else "not ready"),
+        "ready": ready,
         "models": models,
     }

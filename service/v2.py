@@ -20,7 +20,7 @@ from service.runtime import ModelRuntime
 from service.v2_tensors import classify, datatype_of, decode_input, encode_output
 
 PLATFORM = "onnxruntime_onnx"
-EXTENSIONS = ["binary_tensor_data", "classification"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
 EXAMPLE = '{"inputs": [{"name": "input", "shape": [1, F], "datatype": "FP32", "data": [...]}]}'
 
@@ -177,7 +177,8 @@ def create_blueprint() -> Blueprint:
 
     @bp.route("/health/ready", methods=["GET"])
     def ready() -> Response:
-        ready = _registry().ready
+        registry = _registry()
+        ready = registry.ready and not registry.draining
         return _json({"ready": ready}, 200 if ready else 503)
 
     @bp.route("/models/<name>", methods=["GET"])
@@ -203,4 +204,47 @@ def create_blueprint() -> Blueprint:
         )
         return Response(payload, status=200, headers=headers)
 
+    @bp.route("/repository/index", methods=["POST"])
+    def repository_index() -> Response:
+        return _json(repository_index_document(_registry()))
+
+    @bp.route("/repository/models/<name>/load", methods=["POST"])
+    def repository_load(name: str) -> Response:
+        return _json(load_model(name))
+
     return bp
+
+
+def repository_index_document(registry: ModelRegistry) -> list[dict[str, Any]]:
+    """The repository extension's index: one entry per model version, READY or UNAVAILABLE."""
+    entries = []
+    for name, model in registry.models.items():
+        for version in model.paths:
+            entry: dict[str, Any] = {"name": name, "version": str(version)}
+            if version in model.loaded:
+                entry["state"] = "READY"
+            else:
+                entry["state"] = "UNAVAILABLE"
+                entry["reason"] = model.errors.get(version, "not loaded")
+            entries.append(entry)
+    return entries
+
+
+def load_model(name: str) -> dict[str, Any]:
+    """`POST /v2/repository/models/{name}/load`: validate and switch every worker (reload.py)."""
+    from service.reload import ReloadError, reload_models
+
+    registry: ModelRegistry = current_app.extensions["bnserve.registry"]
+    registry.model(name)  # 404 for an unknown model
+    store = current_app.extensions.get("bnserve.store")
+    if store is None:
+        raise BadRequestError("hot reload needs the model store that `bnserve serve` sets up")
+    config = current_app.extensions["bnserve.config"]
+    result = reload_models(store, config, [name])[name]
+    # this worker switches now; the others before their next request (one stat each)
+    registry.apply_state(store.read(), config.device, config.intra_op_threads, config.output_kind)
+    if result["result"] == "failed":
+        raise ReloadError(
+            f"model {name!r} not reloaded, still serving the last good version: {result['error']}"
+        )
+    return {"name": name, "result": result["result"], "versions": result["versions"]}

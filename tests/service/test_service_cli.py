@@ -169,6 +169,7 @@ def test_up_trains_converts_and_serves_only_what_is_missing(
         return 0
 
     monkeypatch.setattr(up.cli, "main", fake_main)
+    monkeypatch.setattr(up, "run_in_child", fake_main)
     workdir.mkdir()
     assert up.up_main(["--dir", str(workdir), "--port", "8123"]) == 0
     assert [c[0] for c in calls] == ["train", "convert", "serve"]
@@ -191,6 +192,7 @@ def test_up_trains_converts_and_serves_only_what_is_missing(
 
 def test_up_stops_when_a_stage_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(up.cli, "main", lambda argv: 3)
+    monkeypatch.setattr(up, "run_in_child", lambda argv: 3)
     with pytest.raises(up.UpError, match=r"'bnserve train sklearn:digits --out .*' failed") as info:
         up.up_main(["--dir", str(tmp_path)])
     assert info.value.exit_code == 3

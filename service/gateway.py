@@ -1,0 +1,263 @@
+"""The WSGI layer in front of the Flask routes: request ids, auth, metrics, access log, reload
+watch, and the hot route served without Flask's per-request machinery.
+
+Installed as `app.wsgi_app` (the usual Flask middleware slot), so gunicorn and Flask's test client
+both go through it. Per request it:
+
+- takes `X-Request-ID` from the request when it is a sane token (else makes one: a per-worker
+  random prefix and a counter, no syscall) and echoes it in the response;
+- checks the bearer token when auth is on (service/auth.py), before the body is read;
+- checks the state file with one `stat` and switches models when it changed (service/reload.py);
+- answers `POST /predict` itself: the route needs none of what Flask does per request (context
+  push, URL map matching, session, signals, response object), only the body, the runtime and
+  the same protocol functions the Flask route calls (service/simple_api.py). Every other route
+  goes to Flask;
+- counts the request (route template, method, status; latency histogram; in-flight gauge) and
+  writes one JSON access-log line straight to stderr (one `write`, atomic between workers).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import orjson
+
+from bnserve.errors import BnserveError
+from service.auth import BearerAuth
+from service.config import ServiceConfig
+from service.registry import ModelRegistry
+from service.simple_api import predict_body
+
+log = logging.getLogger("bnserve.service")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
+_JSON = "application/json"
+UNMATCHED = "unmatched"  # the route label of 404s: random paths must not become label values
+REQUEST_ID_HEADER = "X-Request-ID"
+
+
+def _error(status: int, message: str) -> bytes:
+    return orjson.dumps({"error": message})
+
+
+_STATUS_LINES = {
+    200: "200 OK",
+    400: "400 Bad Request",
+    401: "401 Unauthorized",
+    404: "404 Not Found",
+    405: "405 Method Not Allowed",
+    413: "413 Request Entity Too Large",
+    500: "500 Internal Server Error",
+    503: "503 Service Unavailable",
+}
+
+
+def status_line(code: int) -> str:
+    return _STATUS_LINES.get(code) or f"{code} Error"
+
+
+class AccessLog:
+    """One JSON object per line on stderr: time, request id, method, path, route, status, ms."""
+
+    def __init__(self, fd: int = 2) -> None:
+        self.fd = fd
+        self.pid = os.getpid()
+
+    def write(
+        self,
+        request_id: str,
+        method: str,
+        path: str,
+        route: str,
+        status: int,
+        seconds: float,
+        size: int,
+    ) -> None:
+        line = orjson.dumps(
+            {
+                "ts": round(time.time(), 3),
+                "level": "info",
+                "logger": "bnserve.access",
+                "request_id": request_id,
+                "method": method,
+                "path": path[:256],
+                "route": route,
+                "status": status,
+                "duration_ms": round(seconds * 1000.0, 3),
+                "bytes": size,
+                "pid": self.pid,
+            },
+            option=orjson.OPT_APPEND_NEWLINE,
+        )
+        try:  # noqa: SIM105 (suppress() costs more on the hot path)
+            os.write(self.fd, line)
+        except OSError:  # a closed stderr must not fail requests
+            pass
+
+
+class Gateway:
+    """The WSGI callable around Flask's `wsgi_app` (see the module docstring)."""
+
+    def __init__(
+        self,
+        flask_wsgi: Callable[..., Iterable[bytes]],
+        config: ServiceConfig,
+        registry: ModelRegistry,
+        metrics: Any = None,
+        access_log: AccessLog | None = None,
+        auth: BearerAuth | None = None,
+        store: Any = None,
+        openapi: bytes | None = None,
+    ) -> None:
+        self.flask_wsgi = flask_wsgi
+        self.config = config
+        self.registry = registry
+        self.metrics = metrics
+        self.access_log = access_log
+        self.auth = auth
+        self.store = store
+        self.openapi = openapi
+        self._state_key: tuple[int, int] | None = None
+        self._prefix = os.urandom(6).hex() + "-"
+        self._count = itertools.count(1)
+
+    # -- the per-request work -----------------------------------------------------------------
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        start = time.perf_counter()
+        request_id = environ.get("HTTP_X_REQUEST_ID")
+        if request_id is None or _REQUEST_ID.fullmatch(request_id) is None:
+            request_id = self._prefix + format(next(self._count), "x")
+        environ["bnserve.request_id"] = request_id
+        if self.store is not None:
+            self._watch()
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.in_flight.inc()
+        try:
+            code, headers, body, route = self._dispatch(environ)
+        finally:
+            if metrics is not None:
+                metrics.in_flight.dec()
+        headers.append((REQUEST_ID_HEADER, request_id))
+        start_response(status_line(code) if type(code) is int else code, headers)
+        seconds = time.perf_counter() - start
+        status = code if type(code) is int else int(code[:3])
+        method = environ["REQUEST_METHOD"]
+        if metrics is not None:
+            metrics.observe_request(route, method, str(status), seconds)
+        if self.access_log is not None:
+            self.access_log.write(
+                request_id,
+                method,
+                environ.get("PATH_INFO", ""),
+                route,
+                status,
+                seconds,
+                len(body),
+            )
+        return [body]
+
+    def _dispatch(self, environ: dict[str, Any]) -> tuple[Any, list, bytes, str]:
+        path = environ.get("PATH_INFO") or "/"
+        method = environ["REQUEST_METHOD"]
+        if self.auth is not None:
+            challenge = self.auth.check(environ)
+            if challenge is not None:
+                body = _error(401, "missing or invalid bearer token (Authorization: Bearer ...)")
+                return (
+                    401,
+                    self._headers(body, (("WWW-Authenticate", challenge),)),
+                    body,
+                    path_route(path),
+                )
+        if path == "/predict" and method == "POST":
+            return self._predict(environ)
+        if path == "/metrics" or path == "/openapi.json":
+            return self._plain(path, method)
+        return self._flask(environ)
+
+    @staticmethod
+    def _headers(body: bytes, extra: tuple = (), content_type: str = _JSON) -> list:
+        return [("Content-Type", content_type), ("Content-Length", str(len(body))), *extra]
+
+    def _predict(self, environ: dict[str, Any]) -> tuple[Any, list, bytes, str]:
+        """`POST /predict` without Flask: the same protocol code, errors as Flask maps them."""
+        config = self.config
+        try:
+            body = predict_body(
+                self.registry, None, None, environ, config.max_body_bytes, config.max_batch
+            )
+            code = 200
+        except BnserveError as exc:
+            code = exc.http_status
+            body = _error(code, str(exc))
+        except Exception as exc:  # a bug: log it, answer JSON, keep serving
+            log.exception("unhandled error in POST /predict")
+            code = 500
+            body = _error(500, f"internal error: {type(exc).__name__}")
+        return code, self._headers(body), body, "/predict"
+
+    def _plain(self, path: str, method: str) -> tuple[Any, list, bytes, str]:
+        if method not in ("GET", "HEAD"):
+            body = _error(405, f"method {method} is not allowed for {path} (allowed: GET, HEAD)")
+            return 405, self._headers(body, (("Allow", "GET, HEAD"),)), body, path
+        if path == "/openapi.json" and self.openapi is not None:
+            return 200, self._headers(self.openapi), self.openapi, path
+        if path == "/metrics":
+            from service.metrics import render
+
+            body, content_type = render()
+            return 200, self._headers(body, (), content_type), body, path
+        body = _error(404, f"no route {method} {path}")
+        return 404, self._headers(body), body, UNMATCHED
+
+    def _flask(self, environ: dict[str, Any]) -> tuple[Any, list, bytes, str]:
+        captured: list[Any] = []
+
+        def start_response(status: str, headers: list, exc_info: Any = None) -> Callable:
+            captured[:] = [status, headers]
+            return _no_write
+
+        result = self.flask_wsgi(environ, start_response)
+        try:
+            body = b"".join(result)
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        status, headers = captured
+        return status, list(headers), body, environ.get("bnserve.route") or UNMATCHED
+
+    def _watch(self) -> None:
+        """Switch models (or start draining) when the state file changed: one stat per request."""
+        try:
+            st = os.stat(self.store.state_path)
+        except OSError:
+            return
+        key = (st.st_ino, st.st_mtime_ns)
+        if key == self._state_key:
+            return
+        try:
+            state = self.store.read()
+        except (OSError, ValueError) as exc:
+            log.error("cannot read the model state %s: %s", self.store.state_path, exc)
+            return
+        config = self.config
+        self.registry.apply_state(state, config.device, config.intra_op_threads, config.output_kind)
+        self._state_key = key
+
+
+def path_route(path: str) -> str:
+    """A bounded route label for requests answered before routing (401)."""
+    return path if path in ("/predict", "/metrics", "/openapi.json") else "unauthenticated"
+
+
+def _no_write(data: bytes) -> None:
+    raise RuntimeError("the write() callable of start_response is not supported")
