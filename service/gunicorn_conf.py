@@ -13,6 +13,7 @@ import sys
 import time
 from typing import Any
 
+import orjson
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 
@@ -42,6 +43,7 @@ def gunicorn_settings(config: ServiceConfig) -> dict[str, Any]:
         "accesslog": None,
         "proc_name": "bnserve",
         "when_ready": when_ready,
+        "post_fork": post_fork,
         "child_exit": child_exit,
         "max_requests": config.max_requests,
         "max_requests_jitter": config.max_requests_jitter,
@@ -59,6 +61,26 @@ def when_ready(server: Any) -> None:
     """Log where the server listens once the master has bound its sockets."""
     addresses = ", ".join(str(listener) for listener in server.LISTENERS)
     log.info("bnserve is listening on %s with %d worker(s)", addresses, server.num_workers)
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    """In each worker: gunicorn's own answers (a malformed request line, header or chunk, which
+    gunicorn refuses before the app sees it) become JSON `{"error": ...}` instead of HTML."""
+    from gunicorn import util
+
+    util.write_error = write_json_error
+
+
+def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn's `util.write_error` with the service's error shape."""
+    from gunicorn import util
+
+    body = orjson.dumps({"error": f"{reason}: {mesg}" if mesg else reason})
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    util.write_nonblock(sock, head.encode("latin-1") + body)
 
 
 def child_exit(server: Any, worker: Any) -> None:

@@ -21,11 +21,26 @@ from service.config import OUTPUT_KINDS
 #: The newest `bnserve.format_version` this service understands.
 SUPPORTED_FORMAT_VERSION = 1
 
-# ONNX element type -> numpy dtype, for the input and output types a classifier can have.
+# ONNX element type -> numpy dtype, for the input and the class scores of a classifier.
 _ONNX_TO_NUMPY = {
     onnx.TensorProto.FLOAT: np.dtype(np.float32),
     onnx.TensorProto.DOUBLE: np.dtype(np.float64),
     onnx.TensorProto.FLOAT16: np.dtype(np.float16),
+}
+# Other outputs a classifier may have next to its scores (a predicted label, as sklearn-onnx
+# writes): returned by the V2 API as they are, never used as scores.
+_OTHER_OUTPUTS = {
+    **_ONNX_TO_NUMPY,
+    onnx.TensorProto.INT8: np.dtype(np.int8),
+    onnx.TensorProto.INT16: np.dtype(np.int16),
+    onnx.TensorProto.INT32: np.dtype(np.int32),
+    onnx.TensorProto.INT64: np.dtype(np.int64),
+    onnx.TensorProto.UINT8: np.dtype(np.uint8),
+    onnx.TensorProto.UINT16: np.dtype(np.uint16),
+    onnx.TensorProto.UINT32: np.dtype(np.uint32),
+    onnx.TensorProto.UINT64: np.dtype(np.uint64),
+    onnx.TensorProto.BOOL: np.dtype(np.bool_),
+    onnx.TensorProto.STRING: np.dtype(object),
 }
 
 
@@ -49,6 +64,11 @@ class ModelInfo:
     labels: tuple[Any, ...] | None
     feature_names: tuple[str, ...] | None
     metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size the graph was exported with, when it is not symbolic (else None)."""
+        return self.input.shape[0]
 
     @property
     def n_features(self) -> int:
@@ -107,18 +127,26 @@ def describe(model: onnx.ModelProto, output_kind: str = "auto", where: str = "mo
     feature_names = _json_list(metadata, "bnserve.feature_names", where)
     the_input = _check_input(inputs[0], feature_names, where)
 
-    outputs = tuple(_tensor_spec(v, where) for v in graph.output)
+    outputs = tuple(_tensor_spec(v, where, _OTHER_OUTPUTS) for v in graph.output)
     names = [o.name for o in outputs]
+    scores = [o.name for o in outputs if o.dtype.kind == "f" and len(o.shape) == 2]
     if "probabilities" in names:
         score_output = "probabilities"
     elif len(outputs) == 1:
         score_output = outputs[0].name
+    elif len(scores) == 1:  # e.g. sklearn-onnx: an int64 label and one float [N, C] output
+        score_output = scores[0]
     else:
         raise ModelError(
             f"{where}: cannot tell which output holds the class scores: none of {names} "
             "is named 'probabilities'"
         )
     score_spec = outputs[names.index(score_output)]
+    if score_spec.dtype.kind != "f":
+        raise ModelError(
+            f"{where}: output {score_output!r} has element type {score_spec.dtype}; "
+            "class scores must be float"
+        )
     if len(score_spec.shape) != 2:
         raise ModelError(f"{where}: output {score_output!r} must be [batch, classes]")
 
@@ -154,17 +182,20 @@ def _check_format_version(metadata: dict[str, str], where: str) -> None:
         )
 
 
-def _tensor_spec(value: onnx.ValueInfoProto, where: str) -> TensorSpec:
+def _tensor_spec(
+    value: onnx.ValueInfoProto, where: str, types: dict[int, np.dtype] = _ONNX_TO_NUMPY
+) -> TensorSpec:
     tensor_type = value.type.tensor_type
     if not value.type.HasField("tensor_type"):
         raise ModelError(
             f"{where}: {value.name!r} is not a tensor (sequences and maps are not served)"
         )
-    dtype = _ONNX_TO_NUMPY.get(tensor_type.elem_type)
+    dtype = types.get(tensor_type.elem_type)
     if dtype is None:
         type_name = onnx.TensorProto.DataType.Name(tensor_type.elem_type)
         raise ModelError(
-            f"{where}: {value.name!r} has element type {type_name}; only float types are served"
+            f"{where}: {value.name!r} has element type {type_name}; served here: "
+            + ", ".join(onnx.TensorProto.DataType.Name(t) for t in types)
         )
     shape = tuple(
         d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
@@ -187,7 +218,7 @@ def _check_input(spec: TensorSpec, feature_names: list[Any] | None, where: str) 
         raise ModelError(
             f"{where}: {len(feature_names)} names in bnserve.feature_names for {n_features} features"
         )
-    return TensorSpec(spec.name, spec.dtype, (None, n_features))
+    return TensorSpec(spec.name, spec.dtype, (spec.shape[0], n_features))
 
 
 def _json_list(metadata: dict[str, str], key: str, where: str) -> list[Any] | None:

@@ -7,6 +7,7 @@ raising: a worker that raises while booting makes the gunicorn master halt the w
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,9 @@ class ModelRegistry:
         self.generation = -1  # the state file generation applied (service/reload.py)
         self.hashes: dict[tuple[str, int], str] = {}
         self.metrics: Any = None  # service.metrics.Metrics, when the app counts
+        # gthread workers: two requests may see a new state file at once (or one of them runs
+        # the repository load route); one of them switches, the other finds it done.
+        self._switch = threading.Lock()
 
     def load_all(self, device: str, intra_op_threads: int, output_kind: str) -> None:
         """Load every version; failures are logged and leave that version not ready."""
@@ -112,11 +116,17 @@ class ModelRegistry:
         A version that fails to load here keeps serving its previous runtime: the master
         validated the file, so this is a local problem (memory, a vanished copy), logged.
         """
+        with self._switch:
+            self._apply_state(state, device, intra_op_threads, output_kind)
+
+    def _apply_state(
+        self, state: dict[str, Any], device: str, intra_op_threads: int, output_kind: str
+    ) -> None:
         from service.reload import repository_of
 
-        self.draining = bool(state.get("draining"))
-        if state["generation"] == self.generation:
+        if state["generation"] <= self.generation:  # already applied, or an older read
             return
+        self.draining = bool(state.get("draining"))
         models: dict[str, ModelVersions] = {}
         hashes: dict[tuple[str, int], str] = {}
         for name, paths in repository_of(state).items():

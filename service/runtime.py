@@ -118,15 +118,16 @@ class ModelRuntime:
 
     def _warm_up(self) -> int:
         """One run before serving (first runs allocate and are slow); returns the class count."""
-        x = np.zeros((1, self.info.n_features), dtype=self.info.input.dtype)
+        rows = self.info.fixed_batch or 1
+        x = np.zeros((rows, self.info.n_features), dtype=self.info.input.dtype)
         try:
             (scores,) = self.session.run([self.info.score_output], {self.info.input.name: x})
         except Exception as exc:
             raise ModelError(f"{self.path}: warm-up inference failed: {exc}") from exc
-        if scores.ndim != 2 or scores.shape[0] != 1:
+        if scores.ndim != 2 or scores.shape[0] != rows:
             raise ModelError(
                 f"{self.path}: output {self.info.score_output!r} has shape {list(scores.shape)} "
-                "for one example, expected [1, classes]"
+                f"for {rows} example(s), expected [{rows}, classes]"
             )
         n_classes = int(scores.shape[1])
         if self.info.labels is not None and len(self.info.labels) != n_classes:
@@ -154,12 +155,28 @@ class ModelRuntime:
         """Run the graph on a `[batch, F]` array (cast to the input's dtype)."""
         if x.dtype != self.info.input.dtype:
             x = x.astype(self.info.input.dtype)
+        fixed = self.info.fixed_batch
+        if fixed is not None and len(x) != fixed:
+            return self._run_fixed(output_names, x, fixed)
         if self.observe is None:
             return self.session.run(output_names, {self.info.input.name: x})
         start = time.perf_counter()
         outputs = self.session.run(output_names, {self.info.input.name: x})
         self.observe(time.perf_counter() - start)
         return outputs
+
+    def _run_fixed(self, output_names: list[str], x: np.ndarray, fixed: int) -> list[np.ndarray]:
+        """A graph exported with a fixed batch size: run it on chunks of that size (the last
+        one padded with zeros) and keep the rows asked for."""
+        n = len(x)
+        parts = []
+        for start in range(0, n, fixed):
+            chunk = x[start : start + fixed]
+            if len(chunk) < fixed:
+                padding = np.zeros((fixed - len(chunk), x.shape[1]), dtype=x.dtype)
+                chunk = np.concatenate([chunk, padding])
+            parts.append(self.run(output_names, chunk))
+        return [np.concatenate([p[i] for p in parts])[:n] for i in range(len(output_names))]
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
         """Class probabilities `[batch, C]` float32: softmax applied when the model gives logits."""

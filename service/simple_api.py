@@ -199,7 +199,7 @@ def create_blueprint() -> Blueprint:
         registry: ModelRegistry = current_app.extensions["bnserve.registry"]
         config = current_app.extensions["bnserve.config"]
         runtime = registry.get(name, version)
-        if request.method == "GET":
+        if request.method != "POST":  # GET, and HEAD (Flask adds it to every GET route)
             return _json(explain(registry, runtime, config.max_batch))
         return Response(
             predict_body(

@@ -13,7 +13,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, request
 
 import bnserve
-from service.body import dumps, parse_json_object, read_body
+from service.body import dumps, json_type, parse_json_object, read_body
 from service.errors import BadRequestError
 from service.registry import ModelRegistry, ModelVersions
 from service.runtime import ModelRuntime
@@ -32,11 +32,14 @@ def server_metadata() -> dict[str, Any]:
 def model_metadata(model: ModelVersions, runtime: ModelRuntime) -> dict[str, Any]:
     """The protocol's model metadata, plus what a client of a classifier wants to know."""
     info = runtime.info
+    batch = info.fixed_batch  # any batch is served (service/runtime.py runs it in chunks)
     outputs = [
         {
             "name": o.name,
             "datatype": datatype_of(o.dtype),
-            "shape": [-1 if d is None else d for d in o.shape],
+            "shape": [
+                -1 if d is None or (i == 0 and d == batch) else d for i, d in enumerate(o.shape)
+            ],
         }
         for o in info.outputs
     ]
@@ -93,6 +96,9 @@ def infer(
         raise BadRequestError(
             f"expected 'inputs' with exactly one tensor named {runtime.info.input.name!r}, got {got} inputs"
         )
+    request_id = header.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise BadRequestError(f"'id' must be a string, got a JSON {json_type(request_id)}")
     info = runtime.info
     x = decode_input(
         inputs[0], binary, info.input.name, info.n_features, info.input.dtype, max_batch
@@ -105,14 +111,20 @@ def infer(
     for name, binary_out, k in requested:
         array = results[name]
         if k is not None:
-            array = classify(array, k, info.labels)
+            if array.ndim != 2 or k > array.shape[1]:
+                raise BadRequestError(
+                    f"output {name!r} has shape {list(array.shape)}: classification {k} needs "
+                    f"a [batch, classes] output with at least {k} class(es)"
+                )
+            labels = info.labels if info.labels and len(info.labels) == array.shape[1] else None
+            array = classify(array, k, labels)
         entry, raw = encode_output(name, array, binary_out)
         entries.append(entry)
         if raw:
             tails.append(raw)
     response: dict[str, Any] = {"model_name": runtime.name, "model_version": str(runtime.version)}
-    if "id" in header:
-        response["id"] = header["id"]
+    if request_id is not None:
+        response["id"] = request_id
     response["outputs"] = entries
     json_part = dumps(response)
     if not any("parameters" in e for e in entries):
@@ -133,7 +145,7 @@ def _requested_outputs(
         raise BadRequestError("parameter 'binary_data_output' must be true or false")
     available = [o.name for o in runtime.info.outputs]
     outputs = header.get("outputs")
-    if outputs is None:
+    if outputs is None or outputs == []:  # an empty list asks for nothing in particular: all
         return [(name, default_binary, None) for name in available]
     if not isinstance(outputs, list):
         raise BadRequestError("'outputs' must be an array of {\"name\": ...} objects")

@@ -32,6 +32,7 @@ NUMERIC_DATATYPES: dict[str, np.dtype] = {
     "UINT64": np.dtype("<u8"),
 }
 _NUMPY_TO_DATATYPE = {dtype.newbyteorder("="): name for name, dtype in NUMERIC_DATATYPES.items()}
+_NUMPY_TO_DATATYPE[np.dtype(np.bool_)] = "BOOL"  # an output only (one byte per element)
 _SUPPORTED = ", ".join(NUMERIC_DATATYPES)
 
 
@@ -75,12 +76,13 @@ def decode_input(
             raise BadRequestError(
                 f"{where} has 'data' but the body carries {len(binary)} bytes of binary data"
             )
-        values = _from_json(tensor.get("data"), source_dtype, count, where)
+        values = _from_json(tensor.get("data"), source_dtype, shape, where)
     with np.errstate(over="ignore", invalid="ignore"):
         x = values.astype(dtype).reshape(shape)
     if not np.isfinite(x).all():
         raise BadRequestError(
-            f"{where}: values must be finite numbers within {np.dtype(dtype)} range"
+            f"{where}: values must be finite numbers within {datatype} range and the "
+            f"model's {np.dtype(dtype)} input range"
         )
     return x
 
@@ -116,14 +118,13 @@ def _from_binary(
     return np.frombuffer(binary, dtype=dtype, count=count)
 
 
-def _from_json(data: Any, dtype: np.dtype, count: int, where: str) -> np.ndarray:
+def _from_json(data: Any, dtype: np.dtype, shape: tuple[int, int], where: str) -> np.ndarray:
     if not isinstance(data, list):
         raise BadRequestError(
             f"{where}: 'data' must be an array of numbers (or use binary_data_size), "
             f"got a JSON {json_type(data)}"
         )
-    flat: list[Any] = []
-    _flatten(data, flat)
+    flat = _flatten(data, shape, where)
     integer = dtype.kind in "iu"
     allowed = (int,) if integer else (int, float)
     for i, value in enumerate(flat):
@@ -133,6 +134,7 @@ def _from_json(data: Any, dtype: np.dtype, count: int, where: str) -> np.ndarray
                 f"{where}: element {i} must be {kind} for datatype {datatype_of(dtype)}, "
                 f"got a JSON {json_type(value)} ({value!r})"
             )
+    count = shape[0] * shape[1]
     if len(flat) != count:
         raise BadRequestError(f"{where}: its shape needs {count} values, 'data' has {len(flat)}")
     if integer:
@@ -144,13 +146,18 @@ def _from_json(data: Any, dtype: np.dtype, count: int, where: str) -> np.ndarray
         return np.array(flat, dtype=dtype)
 
 
-def _flatten(data: list[Any], out: list[Any]) -> None:
-    """Row-major flattening of nested arrays (the protocol allows flat or nested `data`)."""
-    for item in data:
-        if type(item) is list:
-            _flatten(item, out)
-        else:
-            out.append(item)
+def _flatten(data: list[Any], shape: tuple[int, int], where: str) -> list[Any]:
+    """Row-major values from flat `data`, or from nested `data` that has exactly the tensor's
+    shape (rows of equal length: a ragged row would silently shift values into the next row)."""
+    if not any(type(item) is list for item in data):
+        return data
+    rows, columns = shape
+    if len(data) != rows or any(type(row) is not list or len(row) != columns for row in data):
+        raise BadRequestError(
+            f"{where}: nested 'data' must be {rows} arrays of {columns} values each "
+            f"(its shape is [{rows}, {columns}]), or one flat array in row-major order"
+        )
+    return [value for row in data for value in row]
 
 
 def classify(scores: np.ndarray, k: int, labels: tuple | None) -> np.ndarray:

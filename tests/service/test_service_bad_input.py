@@ -360,6 +360,25 @@ CASES = [
         "unsupported Content-Encoding 'br'",
     ),
     (
+        "v2-ragged-nested-data",
+        "POST",
+        INFER,
+        _tensor(shape=[2, N_FEATURES], data=[[*ROW, 0.5], ROW[1:]]),
+        {},
+        400,
+        f"nested 'data' must be 2 arrays of {N_FEATURES} values each",
+    ),
+    (
+        "v2-nested-too-deep",
+        "POST",
+        INFER,
+        _tensor(data=[[ROW]]),
+        {},
+        400,
+        f"nested 'data' must be 1 arrays of {N_FEATURES} values each",
+    ),
+    ("v2-id-not-a-string", "POST", INFER, {**_tensor(), "id": 7}, {}, 400, "'id' must be a string"),
+    (
         "corrupt-gzip",
         "POST",
         INFER,
@@ -426,3 +445,31 @@ def test_a_body_much_larger_than_the_limit_is_answered_413(server: LiveServer) -
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 413")
     assert b'"error"' in reply and b"the limit is" in reply
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "message"),
+    [
+        (b"GET /v2 HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", 400, "Invalid HTTP Header"),
+        (b"GARBAGE\r\n\r\n", 400, "Invalid Request Line"),
+        (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}", 400, "Header"),
+        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "Request Line"),
+    ],
+    ids=["header-without-colon", "request-line", "content-length-not-a-number", "uri-too-long"],
+)
+def test_malformed_http_is_refused_in_json_not_gunicorns_html(
+    server: LiveServer, request_bytes: bytes, status: int, message: str
+) -> None:
+    """gunicorn refuses these before the app sees them; the answer is still `{"error": ...}`."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as conn:
+        conn.sendall(request_bytes)
+        reply = b""
+        while chunk := conn.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status}".encode()), head
+    assert b"Content-Type: application/json" in head
+    assert message in json.loads(body)["error"]
+    assert (
+        requests.post(server.url + PREDICT, json={"features": ROW}, timeout=10).status_code == 200
+    )

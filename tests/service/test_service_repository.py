@@ -86,3 +86,58 @@ def test_a_model_that_fails_to_load_is_not_ready_instead_of_raising(tmp_path: Pa
     with pytest.raises(Exception, match="is not ready") as info:
         registry.get("broken")
     assert info.value.http_status == 503
+
+
+def _state(generation: int, path: Path, sha: str) -> dict:
+    return {
+        "generation": generation,
+        "draining": False,
+        "models": {"m": {"1": {"path": str(path), "sha256": sha, "source": str(path)}}},
+    }
+
+
+def test_an_older_state_never_replaces_a_newer_one(tmp_path: Path) -> None:
+    """A gthread worker may read the state file, then lose the race to a newer read."""
+    old = build_mlp_classifier(tmp_path / "old.onnx", seed=1)
+    new = build_mlp_classifier(tmp_path / "new.onnx", seed=2)
+    registry = ModelRegistry({"m": {1: old}})
+    registry.load_all("cpu", 1, "auto")
+    registry.apply_state(_state(2, new, "b" * 64), "cpu", 1, "auto")
+    assert registry.get("m").path == new
+    registry.apply_state(_state(1, old, "a" * 64), "cpu", 1, "auto")  # read before gen 2
+    assert registry.get("m").path == new
+    assert registry.generation == 2
+
+
+def test_concurrent_switches_load_a_changed_model_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+    import time
+
+    from service.runtime import ModelRuntime
+
+    old = build_mlp_classifier(tmp_path / "old.onnx", seed=1)
+    new = build_mlp_classifier(tmp_path / "new.onnx", seed=2)
+    registry = ModelRegistry({"m": {1: old}})
+    registry.load_all("cpu", 1, "auto")
+    loads = []
+    real_load = ModelRuntime.load.__func__
+
+    def slow_load(cls, path, *args, **kwargs):
+        loads.append(path)
+        time.sleep(0.2)  # both threads are inside apply_state at once without a lock
+        return real_load(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(ModelRuntime, "load", classmethod(slow_load))
+    state = _state(1, new, "b" * 64)
+    threads = [
+        threading.Thread(target=registry.apply_state, args=(state, "cpu", 1, "auto"))
+        for _ in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert loads == [new]
+    assert registry.get("m").path == new

@@ -102,6 +102,17 @@ def test_get_predict_explains_the_body(server: LiveServer) -> None:
     assert "instances" in doc["usage"] and "top_k" in doc["usage"]
 
 
+@pytest.mark.parametrize(
+    "path", ["/predict", "/models/clf/predict", "/models/clf/versions/2/predict"]
+)
+def test_head_predict_answers_like_get(server: LiveServer, path: str) -> None:
+    get = requests.get(server.url + path, timeout=10)
+    head = requests.head(server.url + path, timeout=10)
+    assert (get.status_code, head.status_code) == (200, 200)
+    assert head.headers["Content-Length"] == get.headers["Content-Length"]
+    assert head.content == b""
+
+
 def test_health_says_what_is_loaded(server: LiveServer) -> None:
     response = requests.get(server.url + "/health", timeout=10)
     assert response.status_code == 200

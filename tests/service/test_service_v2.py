@@ -92,6 +92,23 @@ def test_infer_with_client_defaults_returns_every_output_in_binary(
     np.testing.assert_allclose(result.as_numpy("probabilities"), expected, rtol=1e-6, atol=1e-9)
 
 
+def test_an_empty_outputs_list_returns_every_output(server: LiveServer) -> None:
+    body = {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": [1, N_FEATURES],
+                "datatype": "FP32",
+                "data": [0] * N_FEATURES,
+            }
+        ],
+        "outputs": [],
+    }
+    response = requests.post(f"{server.url}/v2/models/clf/infer", json=body, timeout=10)
+    assert response.status_code == 200, response.text
+    assert [o["name"] for o in response.json()["outputs"]] == ["probabilities", "logits"]
+
+
 @pytest.mark.parametrize("version", ["1", "2"])
 def test_infer_a_chosen_version(client, model_repo: Path, version: str) -> None:
     result = client.infer("clf", [_input(X, True)], model_version=version)
