@@ -13,11 +13,27 @@ from bnserve.errors import UsageError
 
 
 def check_output_path(path: str | os.PathLike[str]) -> Path:
-    """Refuse an output path that is a directory (before any work is done)."""
+    """Refuse an output path that is a directory, or whose folder cannot exist (before any work
+    is done)."""
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"{path}: is a directory; give a file path for the output")
+    check_output_dir(path.parent)
     return path
+
+
+def check_output_dir(folder: str | os.PathLike[str]) -> Path:
+    """Refuse an output folder that is a file or lies under one: creating it later would fail
+    with an OSError traceback after all the work."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        if existing == folder:
+            raise UsageError(f"{folder}: is a file, not a folder (the output goes in it)")
+        raise UsageError(f"{folder}: cannot be created: {existing} is a file")
+    return folder
 
 
 @contextlib.contextmanager
@@ -25,8 +41,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yields a temporary path next to `path`; renames it onto `path` if the block succeeds and
     deletes it otherwise."""
     path = check_output_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:  # e.g. a read-only or permission-denied folder: a user's problem
+        raise UsageError(f"{path}: cannot write the output ({e.strerror or e})") from e
     os.close(fd)
     try:
         yield Path(tmp)

@@ -18,12 +18,20 @@ from typing import Any
 
 import numpy as np
 
+from bnserve.atomic import check_output_dir
 from bnserve.errors import ModelError, ParityError, UsageError
 from converter import export, verify
 from converter.freeze import freeze_checkpoint
-from converter.frozen import FoldedMLP, fold_mlp, folded_probabilities, unfolded_report
+from converter.frozen import (
+    FoldedMLP,
+    fold_mlp,
+    folded_logits,
+    folded_probabilities,
+    unfolded_report,
+)
 from models.checkpoint import Checkpoint, file_sha256, load_checkpoint
-from models.network import logits_eval, predict_proba
+from models.layers import softmax
+from models.network import logits_eval
 
 
 @dataclass
@@ -43,6 +51,7 @@ def check_output_path(output: Path, checkpoint: Path | None = None) -> None:
         raise UsageError(
             f"output path {output} is a directory; give a file name such as {output / 'model.onnx'}"
         )
+    check_output_dir(output.parent)  # a folder under a file: refuse now, not after the work
     if (
         checkpoint is not None
         and output.exists()
@@ -80,14 +89,14 @@ def _check_float32_finite(model_layers: list[tuple[str, np.ndarray]]) -> None:
             )
 
 
-def _unfolded_numpy_float32_error(
-    ckpt: Checkpoint, X: np.ndarray, stats: str, ref_probs: np.ndarray
-) -> float:
+def _unfolded_numpy_float32(
+    ckpt: Checkpoint, X: np.ndarray, stats: str
+) -> tuple[np.ndarray, np.ndarray]:
     # The trainer's own forward pass with float32 parameters: one more float32 sample.
     params32 = {k: np.asarray(v, dtype=np.float32) for k, v in ckpt.params.items()}
     with np.errstate(all="ignore"):
-        probs = predict_proba(ckpt.spec, params32, X, stats)
-    return verify.max_abs_error(probs, ref_probs)[0]
+        logits = logits_eval(ckpt.spec, params32, X, stats)
+    return logits.astype(np.float64), softmax(logits)  # softmax in float32, as predict_proba
 
 
 def _einsum_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -107,6 +116,37 @@ def _check_fold_float64(folded: FoldedMLP, X: np.ndarray, ref_probs: np.ndarray)
     return err
 
 
+def _logits_noise_floor(
+    folded: FoldedMLP | None,
+    X: np.ndarray,
+    ref_logits: np.ndarray,
+    baseline_err: float,
+    unfolded32_logits: np.ndarray,
+) -> float:
+    """The logits' float32 noise floor, sampled as for the probabilities. A fold that shifts every
+    logit by the same amount leaves the probabilities alone, so the logits get their own float64
+    fold check first (relative to their scale): only then may the folded weights' float32 error
+    count as noise."""
+    floor = max(baseline_err, verify.max_abs_error(unfolded32_logits, ref_logits)[0])
+    if folded is None:
+        return floor
+    scale = max(1.0, float(np.max(np.abs(ref_logits))))
+    err, row = verify.max_abs_error(folded_logits(folded, X), ref_logits)
+    if not err <= verify.FOLD_FLOAT64_TOLERANCE * scale:
+        raise ParityError(
+            f"parity gate failed: the folded logits differ from the unfolded ones in float64 by "
+            f"{err:.3g} (allowed {verify.FOLD_FLOAT64_TOLERANCE:.0e} x {scale:.3g}) at probe row "
+            f"{row}; input row = {verify.format_row(X[row])}"
+        )
+    return max(
+        floor,
+        *(
+            verify.max_abs_error(folded_logits(folded, X, np.float32, mm), ref_logits)[0]
+            for mm in (np.matmul, _einsum_matmul)
+        ),
+    )
+
+
 def _make_parents(directory: Path) -> list[Path]:
     """Create missing parent folders; return those created (innermost first) to undo on failure."""
     created = []
@@ -114,8 +154,20 @@ def _make_parents(directory: Path) -> list[Path]:
     while not d.exists():
         created.append(d)
         d = d.parent
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _remove_created(created)
+        raise UsageError(f"{directory}: cannot create the output folder ({e.strerror or e})") from e
     return created
+
+
+def _remove_created(created: list[Path]) -> None:
+    for d in created:
+        try:
+            d.rmdir()
+        except OSError:
+            break
 
 
 def convert_checkpoint(
@@ -170,6 +222,7 @@ def convert_checkpoint(
     baseline = verify.run_model(export.serialize(unfolded), X, "disabled")
     baseline_err = verify.max_abs_error(baseline[export.PROBABILITIES], ref_probs)[0]
     noise_floor, fold_check = baseline_err, None
+    unfolded32_logits, unfolded32_probs = _unfolded_numpy_float32(ckpt, X, chosen)
     if folded is not None:
         fold_check = _check_fold_float64(folded, X, ref_probs)
         noise_floor = max(
@@ -178,13 +231,22 @@ def convert_checkpoint(
                 verify.max_abs_error(folded_probabilities(folded, X, np.float32, mm), ref_probs)[0]
                 for mm in (np.matmul, _einsum_matmul)
             ),
-            _unfolded_numpy_float32_error(ckpt, X, chosen, ref_probs),
+            verify.max_abs_error(unfolded32_probs, ref_probs)[0],
+        )
+    if logits:
+        baseline_logits_err = verify.max_abs_error(baseline[export.LOGITS], ref_logits)[0]
+        logits_floor = _logits_noise_floor(
+            folded, X, ref_logits, baseline_logits_err, unfolded32_logits
         )
 
     created = _make_parents(output_path.parent)
-    fd, tmp_name = tempfile.mkstemp(
-        dir=output_path.parent, prefix=f".{output_path.name}.", suffix=".tmp"
-    )
+    try:
+        fd, tmp_name = tempfile.mkstemp(
+            dir=output_path.parent, prefix=f".{output_path.name}.", suffix=".tmp"
+        )
+    except OSError as e:  # e.g. permission denied: the user's to fix, not a traceback
+        _remove_created(created)
+        raise UsageError(f"{output_path}: cannot write the output ({e.strerror or e})") from e
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -206,8 +268,9 @@ def convert_checkpoint(
             parity["logits"] = verify.logits_parity(
                 {lv: o[export.LOGITS] for lv, o in outputs.items()},
                 ref_logits,
-                verify.max_abs_error(baseline[export.LOGITS], ref_logits)[0],
+                baseline_logits_err,
                 atol,
+                noise_floor=logits_floor,
             )
             if not parity["logits"]["passed"]:
                 raise ParityError(
@@ -227,11 +290,7 @@ def convert_checkpoint(
         os.replace(tmp, output_path)
     except BaseException:
         tmp.unlink(missing_ok=True)
-        for d in created:
-            try:
-                d.rmdir()
-            except OSError:
-                break
+        _remove_created(created)
         raise
     ops = Counter(node.op_type for node in model.graph.node)
     return ConversionResult(

@@ -733,14 +733,17 @@ def _rows(a: Array) -> Array:
 
 
 def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy computing in float64: float32 initializers, Constant values, Cast targets and
-    declared tensor types become double (probes are exact in both)."""
+    """A copy computing in float64: float32 and float16 initializers, Constant values, Cast
+    targets and declared tensor types become double (probes are exact in both). float16 too:
+    otherwise a half-precision model's "float64" reference is the model itself, its noise floor
+    0, and every correct fold of it fails the gate."""
     m = copy.deepcopy(model)
     g = m.graph
-    FLOAT, DOUBLE = onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE
+    DOUBLE = onnx.TensorProto.DOUBLE
+    NARROW = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
 
     def widen(t: onnx.TensorProto) -> onnx.TensorProto:
-        if t.data_type != FLOAT:
+        if t.data_type not in NARROW:
             return t
         return numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float64), t.name)
 
@@ -753,10 +756,10 @@ def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
             elif node.op_type == "Constant" and attr.name in ("value_float", "value_floats"):
                 value = np.array(helper.get_attribute_value(attr), dtype=np.float64)
                 attr.CopyFrom(helper.make_attribute("value", numpy_helper.from_array(value)))
-            elif node.op_type == "Cast" and attr.name == "to" and attr.i == FLOAT:
+            elif node.op_type == "Cast" and attr.name == "to" and attr.i in NARROW:
                 attr.i = DOUBLE
     for v in [*g.input, *g.output, *g.value_info]:
-        if v.type.tensor_type.elem_type == FLOAT:
+        if v.type.tensor_type.elem_type in NARROW:
             v.type.tensor_type.elem_type = DOUBLE
     return m
 
@@ -912,8 +915,9 @@ def fold_onnx_file(
             raise ParityError("parity gate failed: " + result.message)
         _set_metadata(folded, {"bnserve.parity_report": export.to_json(result.report)})
         tmp.write_bytes(export.serialize(folded))
-    if report_path is not None:
-        write_text_atomic(report_path, _report_json(report, result.report))
+        # The report first: if it cannot be written, the model is not renamed into place either.
+        if report_path is not None:
+            write_text_atomic(report_path, _report_json(report, result.report))
     return FoldResult(output, report, result.report)
 
 

@@ -200,13 +200,13 @@ def unfolded_report(net: FrozenMLP) -> dict[str, Any]:
     return fold_report(net, records, folded=False)
 
 
-def folded_probabilities(
+def folded_logits(
     folded: FoldedMLP,
     X: Array,
     dtype: Any = np.float64,
     matmul: Callable[[Array, Array], Array] = np.matmul,
 ) -> Array:
-    """Evaluate the folded layers in numpy in `dtype` (softmax in float64).
+    """Evaluate the folded layers in numpy in `dtype`, up to the logits (returned as float64).
 
     In float64 this checks the fold arithmetic itself; in float32, with different `matmul`
     summation orders, it gives independent samples of float32's own rounding error for these
@@ -217,4 +217,14 @@ def folded_probabilities(
         a = matmul(a, layer.W.astype(dtype)) + layer.b.astype(dtype)
         if layer.activation is not None:
             a = activation_eval(a, layer.activation, dtype(folded.leaky_slope))
-    return softmax(a.astype(np.float64))
+    return a.astype(np.float64)
+
+
+def folded_probabilities(
+    folded: FoldedMLP,
+    X: Array,
+    dtype: Any = np.float64,
+    matmul: Callable[[Array, Array], Array] = np.matmul,
+) -> Array:
+    """`folded_logits` followed by softmax in float64."""
+    return softmax(folded_logits(folded, X, dtype, matmul))

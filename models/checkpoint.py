@@ -145,10 +145,15 @@ def _from_header(path: Path, header: Any, arrays: dict[str, np.ndarray]) -> Chec
         class_names=class_names,
         feature_names=feature_names,
         stats_default=stats_default,
-        config=header.get("config", {}),
-        data_fingerprint=header.get("data_fingerprint", ""),
-        metrics=header.get("metrics", {}),
+        # informational parts: a damaged one must not break the consumers that read them
+        config=_dict(header.get("config")),
+        data_fingerprint=str(header.get("data_fingerprint", "")),
+        metrics=_dict(header.get("metrics")),
     )
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bnserve.atomic import write_text_atomic
+from bnserve.atomic import check_output_dir, check_output_path, write_text_atomic
 from bnserve.errors import BnserveError, UsageError, require_extra
 
 
@@ -92,8 +92,11 @@ def build_config(args: argparse.Namespace) -> Any:
         given = getattr(args, key, None)
         if given is not None:
             values[key] = given
+    # --test and --test-split exclude each other: the one on the command line beats the file's.
     if args.test is not None:
         values.pop("test_split", None)
+    if args.test_split is not None:
+        values.pop("test", None)
     try:
         return TrainConfig(**values)
     except (TypeError, ValueError) as e:
@@ -119,6 +122,13 @@ def read_config_file(path: str, keys: list[str]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if k in keys}
 
 
+def make_output_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{out}: cannot create the output folder ({e.strerror or e})") from e
+
+
 def history_csv(history: list[dict[str, float]]) -> str:
     buf = io.StringIO()
     if history:
@@ -142,6 +152,7 @@ def train_main(argv: list[str]) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: exists and is not a folder; --out names the output folder")
+    check_output_dir(out)  # before training, not after it
 
     show = not args.quiet and sys.stderr.isatty()
     bar = tqdm(total=config.epochs, desc="training", unit="epoch", disable=not show)
@@ -164,7 +175,7 @@ def train_main(argv: list[str]) -> int:
             f"(loss {result.history[-1]['train_loss']:.3g}); lower --lr (now {config.lr:g}); "
             "nothing was written"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out)
     save_checkpoint(result.checkpoint, out / "checkpoint.npz")
     write_text_atomic(out / "metrics.json", json.dumps(result.metrics, indent=2) + "\n")
     write_text_atomic(out / "history.csv", history_csv(result.history))
@@ -194,17 +205,25 @@ def evaluate_main(argv: list[str]) -> int:
     p = _Parser(prog="bnserve evaluate", description="Evaluate a checkpoint on a data set.")
     p.add_argument("checkpoint", help="checkpoint.npz written by bnserve train")
     p.add_argument("data", help="CSV (columns matched by feature name), .npz or sklearn:NAME")
-    p.add_argument("--label", help="label column of a CSV (default the last)")
+    p.add_argument(
+        "--label", help="label column of a CSV (default: the one used in training, else the last)"
+    )
     p.add_argument("--stats", choices=["running", "population"], help="default: the checkpoint's")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--plot", help="write the confusion matrix as a PNG")
     args = p.parse_args(argv)
+    if args.plot:
+        check_output_path(args.plot)
     from models.checkpoint import load_checkpoint
     from models.data import load_for_model
     from models.metrics import classification_report, format_report
 
     ckpt = load_checkpoint(args.checkpoint)
-    X, y = load_for_model(args.data, ckpt.feature_names, ckpt.class_names, args.label)
+    # A model trained with --label species is evaluated on the same kind of file without
+    # repeating it: the default last column would be a feature there.
+    trained_label = ckpt.config.get("label")
+    label = args.label or (trained_label if isinstance(trained_label, str) else None)
+    X, y = load_for_model(args.data, ckpt.feature_names, ckpt.class_names, label)
     stats = ckpt.resolve_stats(args.stats)
     report = classification_report(y, ckpt.predict_proba(X, stats), ckpt.class_names)
     report["stats"] = stats
@@ -245,6 +264,16 @@ def _str_list(choices: tuple[str, ...]):
     return parse
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _study_options(p: argparse.ArgumentParser, epochs: int) -> None:
     """Options shared by tune and compare: what is held fixed while the study varies the rest."""
     p.add_argument("data", help="CSV with a header, .npz with X and y, or sklearn:NAME")
@@ -255,7 +284,9 @@ def _study_options(p: argparse.ArgumentParser, epochs: int) -> None:
     p.add_argument("--optimizer", default="adam", choices=["sgd", "momentum", "rmsprop", "adam"])
     p.add_argument("--epochs", type=int, default=epochs)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--jobs", type=int, help="parallel processes (default: the number of cores)")
+    p.add_argument(
+        "--jobs", type=_positive_int, help="parallel processes (default: the number of cores)"
+    )
     p.add_argument("--test-split", type=float, default=0.2)
     p.add_argument("--val-split", type=float, default=0.1)
     p.add_argument("--label", help="label column of a CSV (default the last)")
@@ -272,6 +303,7 @@ def tune_main(argv: list[str]) -> int:
 
     from models.data import load_dataset
     from models.plots import plot_search
+    from models.train import TrainConfig
     from models.tune import SearchSpace, search, write_best
 
     p = _Parser(prog="bnserve tune", description="Random hyperparameter search, coarse to fine.")
@@ -311,6 +343,9 @@ def tune_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if not 0 < args.keep <= 1:
         raise UsageError("--keep must be a fraction in (0, 1]")
+    if args.val_split <= 0:
+        # Trials are ranked by validation accuracy: without a validation split there is no score.
+        raise UsageError("tune ranks trials by validation accuracy; --val-split must be > 0")
     load_dataset(args.data, args.label)  # bad data fails here, before any process starts
     space = SearchSpace(
         lr_log10=tuple(math.log10(v) for v in args.lr_range),
@@ -331,7 +366,12 @@ def tune_main(argv: list[str]) -> int:
         "label": args.label,
         "split_seed": args.seed,
     }
+    try:  # options every trial shares fail here once, not as N failed trials
+        TrainConfig(**base)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
     out = Path(args.out)
+    check_output_dir(out)
     show = not args.quiet and sys.stderr.isatty()
     bar = tqdm(total=args.trials, desc="tuning", unit="trial", disable=not show)
 
@@ -405,6 +445,10 @@ def compare_main(argv: list[str]) -> int:
         "--target", type=float, default=0.9, help="validation accuracy for 'epochs to target'"
     )
     args = p.parse_args(argv)
+    if args.val_split <= 0:
+        raise UsageError(
+            "'epochs to target' is measured on validation data; --val-split must be > 0"
+        )
     data = load_dataset(args.data, args.label)
     try:
         base = TrainConfig(
@@ -415,6 +459,7 @@ def compare_main(argv: list[str]) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from e
     out = Path(args.out)
+    check_output_dir(out)
     show = not args.quiet and sys.stderr.isatty()
     bar = tqdm(total=3 * len(args.lr), desc="comparing", unit="run", disable=not show)
     try:
@@ -441,7 +486,7 @@ def compare_main(argv: list[str]) -> int:
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out)
     write_text_atomic(out / "compare.csv", buf.getvalue())
     plot_compare(rows, out / "compare.png")
     print(

@@ -57,8 +57,10 @@ def load_raw(
     if path.stat().st_size == 0:
         raise DataError(f"{source}: the file is empty")
     if path.suffix.lower() == ".npz":
-        return _load_npz(path, require_label)
-    return _load_csv(path, label, require_label)
+        X, labels, names = _load_npz(path, require_label)
+    else:
+        X, labels, names = _load_csv(path, label, require_label)
+    return X, canonical_labels(labels), names
 
 
 def _load_bundled(source: str) -> tuple[np.ndarray, list[str], list[str]]:
@@ -107,6 +109,9 @@ def _load_npz(path: Path, require_label: bool) -> tuple[np.ndarray, list[str], l
         raise DataError(f"{path}: X must be 2-D [rows, features], got shape {X.shape}")
     if X.shape[0] == 0:
         raise DataError(f"{path}: X has no rows")
+    # complex would lose its imaginary part silently, dates would become nanosecond counts
+    if X.dtype.kind not in "biufUS":
+        raise DataError(f"{path}: X is not real numeric ({X.dtype})")
     try:
         X = X.astype(np.float64)
     except (TypeError, ValueError) as e:
@@ -116,10 +121,16 @@ def _load_npz(path: Path, require_label: bool) -> tuple[np.ndarray, list[str], l
     if y is not None:
         if y.ndim != 1 or y.shape[0] != X.shape[0]:
             raise DataError(f"{path}: y must be 1-D with {X.shape[0]} entries, got shape {y.shape}")
+        if y.dtype.kind == "f" and not np.isfinite(y).all():
+            row = int(np.flatnonzero(~np.isfinite(y))[0])
+            raise DataError(f"{path}: y[{row}] is {y[row]}, not a class label")
         labels = [_label_text(v) for v in y.tolist()]
     names = names or [f"x{i}" for i in range(X.shape[1])]
     if len(names) != X.shape[1]:
         raise DataError(f"{path}: {len(names)} feature names for {X.shape[1]} columns")
+    if len(set(names)) != len(names):
+        # features are matched by name (evaluate, the service): a name must say which column
+        raise DataError(f"{path}: duplicate names in feature_names")
     return X, labels, names
 
 
@@ -127,7 +138,27 @@ def _label_text(v: object) -> str:
     # 1.0 and 1 are the same class; keep integral floats as integers
     if isinstance(v, float) and v.is_integer():
         return str(int(v))
+    if isinstance(v, bytes):  # a numpy 'S' array: b"cat" is the class "cat", not "b'cat'"
+        return v.decode("utf-8", errors="replace")
     return str(v)
+
+
+def _finite_number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def canonical_labels(labels: list[str]) -> list[str]:
+    """Label texts as class names. A column whose every label is a finite number is numeric:
+    "1", "1.0" and "01" are one class, named as the .npz loader names it ("1"), so a CSV and an
+    .npz of the same data agree; any other column keeps its texts as they are."""
+    values = [_finite_number(v) for v in labels]
+    if not labels or any(v is None for v in values):
+        return labels
+    return [_label_text(v) for v in values]
 
 
 def _load_csv(
@@ -181,7 +212,13 @@ def _load_csv(
                 )
             X[r, j] = value
         if label_col is not None:
-            labels.append(row[label_col].strip())
+            text = row[label_col].strip()
+            # empty or NaN is how spreadsheets and pandas write a missing value, not a class
+            if not text or text.lower() == "nan":
+                raise DataError(
+                    f"{path}: row {line}, column {header[label_col]!r}: missing label ({text!r})"
+                )
+            labels.append(text)
     return X, labels, [header[c] for c in feature_cols]
 
 
@@ -197,9 +234,9 @@ def _check_finite(X: np.ndarray, where: str, row_offset: int) -> None:
 def _encode_labels(labels: list[str]) -> tuple[list[str], np.ndarray]:
     """Class names sorted (numerically when they all are numbers) and the index of each label."""
     unique = set(labels)
-    try:
+    if all(_finite_number(c) is not None for c in unique):
         class_names = sorted(unique, key=float)
-    except ValueError:
+    else:  # (a NaN key would make the order depend on set iteration, i.e. on the hash seed)
         class_names = sorted(unique)
     index = {c: i for i, c in enumerate(class_names)}
     return class_names, np.array([index[v] for v in labels], dtype=np.int64)
@@ -208,6 +245,15 @@ def _encode_labels(labels: list[str]) -> tuple[list[str], np.ndarray]:
 def encode_with(classes: list[str], labels: list[str], source: str) -> np.ndarray:
     """Encode `labels` with an existing class list (a test file must not bring new classes)."""
     index = {c: i for i, c in enumerate(classes)}
+    # Numeric classes also match by value: a checkpoint whose classes were kept as "1.0" reads
+    # a file that says 1, and the other way round.
+    for c, i in list(index.items()):
+        value = _finite_number(c)
+        if value is not None:
+            index.setdefault(_label_text(value), i)
+    labels = [
+        v if v in index or (x := _finite_number(v)) is None else _label_text(x) for v in labels
+    ]
     unknown = sorted(set(labels) - index.keys())
     if unknown:
         raise DataError(f"{source}: labels not seen in training: {', '.join(unknown[:5])}")

@@ -7,6 +7,7 @@ the final metrics; the CLI only parses options and writes files.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -17,8 +18,9 @@ import numpy as np
 from bnserve.errors import DataError
 from models import layers
 from models.checkpoint import Checkpoint
-from models.data import Dataset, encode_with, fingerprint, load_dataset, load_raw, stratified_split
+from models.data import Dataset, fingerprint, load_dataset, load_for_model, stratified_split
 from models.network import (
+    PLACEMENTS,
     NetworkSpec,
     Params,
     hidden_forward_eval,
@@ -26,9 +28,41 @@ from models.network import (
     logits_eval,
     loss_and_grads,
 )
-from models.optim import make_optimizer, scheduled_lr
+from models.optim import OPTIMIZERS, SCHEDULES, make_optimizer, scheduled_lr
 
 DTYPES = {"float64": np.float64, "float32": np.float32}
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "activation": layers.ACTIVATIONS,
+    "bn": PLACEMENTS,
+    "optimizer": OPTIMIZERS,
+    "lr_schedule": SCHEDULES,
+    "dtype": tuple(DTYPES),
+}
+_FLOATS = (
+    "lr", "beta1", "beta2", "momentum", "weight_decay", "lr_decay", "dropout", "bn_momentum",
+    "bn_eps", "leaky_slope", "test_split", "val_split",
+)  # fmt: skip
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _integer(name: str, value: Any) -> int:
+    """An int option; JSON's 64.0 is accepted, 64.5, "64" and true are not."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"--{_flag(name)} must be an integer, got {value!r}")
+    if not isinstance(value, numbers.Integral) and not float(value).is_integer():
+        raise ValueError(f"--{_flag(name)} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _real(name: str, value: Any) -> float:
+    """A finite float option (NaN would pass every range check below by comparing False)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"--{_flag(name)} must be a finite number, got {value!r}")
+    return float(value)
 
 
 @dataclass
@@ -63,9 +97,32 @@ class TrainConfig:
     label: str | None = None
 
     def __post_init__(self) -> None:
-        self.hidden = tuple(int(w) for w in self.hidden)
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        # A --config file is JSON: every value is checked here (type and range), so a bad one is
+        # a usage error naming the option, never a traceback from deep inside the training loop.
+        if isinstance(self.hidden, str) or not isinstance(self.hidden, list | tuple):
+            raise ValueError(f"--hidden must be a list of layer widths, got {self.hidden!r}")
+        self.hidden = tuple(_integer("hidden", w) for w in self.hidden)
+        if any(w < 1 for w in self.hidden):
+            raise ValueError(f"--hidden widths must be >= 1, got {list(self.hidden)}")
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"--{_flag(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}"
+                )
+        for name in ("batch_size", "epochs", "patience", "seed"):
+            setattr(self, name, _integer(name, getattr(self, name)))
+        if self.split_seed is not None:
+            self.split_seed = _integer("split_seed", self.split_seed)
+        for name in _FLOATS:
+            setattr(self, name, _real(name, getattr(self, name)))
+        if not isinstance(self.population_stats, bool):
+            raise ValueError(
+                f"population_stats must be true or false, got {self.population_stats!r}"
+            )
+        for name in ("test", "label"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"--{_flag(name)} must be a string, got {value!r}")
         if not 0 <= self.test_split < 1 or not 0 <= self.val_split < 1:
             raise ValueError("--test-split and --val-split must be fractions in [0, 1)")
         if self.batch_size < 2:
@@ -74,6 +131,22 @@ class TrainConfig:
             raise ValueError("--epochs and --patience must be at least 1")
         if self.lr <= 0:
             raise ValueError("--lr must be positive")
+        # beta = 1 would never move the averages (and divides by zero in Adam's bias correction).
+        for name in ("beta1", "beta2", "momentum"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"--{_flag(name)} must be in [0, 1), got {getattr(self, name)}")
+        if self.weight_decay < 0:
+            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.lr_decay < 0 or (self.lr_schedule == "exponential" and self.lr_decay > 1):
+            raise ValueError(
+                f"--lr-decay must be >= 0 (inverse) or in [0, 1] (exponential), got {self.lr_decay}"
+            )
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not 0 < self.bn_momentum <= 1:
+            raise ValueError(f"--bn-momentum must be in (0, 1], got {self.bn_momentum}")
+        if self.bn_eps <= 0:
+            raise ValueError(f"--bn-eps must be positive, got {self.bn_eps}")
 
     @classmethod
     def option_names(cls) -> list[str]:
@@ -106,13 +179,11 @@ def split_data(data: Dataset, config: TrainConfig, rng: np.random.Generator) -> 
     """Test part (a separate file or a stratified fraction), then validation from the rest."""
     X, y = data.X, data.y
     if config.test:
-        X_test, test_labels, test_names = load_raw(config.test, config.label)
-        if test_names != data.feature_names:
-            raise DataError(
-                f"{config.test}: columns differ from the training data "
-                f"(expected {data.feature_names}, got {test_names})"
-            )
-        y_test = encode_with(data.class_names, test_labels, config.test)
+        # Columns are matched by name, as `evaluate` does: the same columns in another order are
+        # the same test set, not an error.
+        X_test, y_test = load_for_model(
+            config.test, data.feature_names, data.class_names, config.label
+        )
     elif config.test_split > 0:
         rest, held = stratified_split(y, config.test_split, rng)
         X_test, y_test = X[held], y[held]
@@ -230,42 +301,44 @@ def train(
 
     # A too-large learning rate overflows before the loss turns non-finite; that is detected and
     # reported below (diverged), so numpy's overflow warnings would only be noise.
-    errstate = np.errstate(over="ignore", invalid="ignore", divide="ignore")
-    errstate.__enter__()
-    for epoch in range(config.epochs):
-        t0 = time.perf_counter()
-        lr = scheduled_lr(config.lr, epoch, config.lr_schedule, config.lr_decay)
-        loss_sum = correct = 0.0
-        for batch in minibatches(n, config.batch_size, shuffle_rng):
-            loss, grads, logits = loss_and_grads(
-                spec, params, X_train[batch], splits.y_train[batch], dropout_rng
-            )
-            optimizer.step(params, grads, lr)
-            loss_sum += loss * len(batch)
-            correct += float((logits.argmax(axis=1) == splits.y_train[batch]).sum())
-        row = {
-            "epoch": epoch + 1,
-            "lr": lr,
-            "train_loss": loss_sum / n,
-            "train_accuracy": correct / n,
-        }
-        val_loss, val_acc = evaluate(spec, params, splits.X_val, splits.y_val)
-        row.update(val_loss=val_loss, val_accuracy=val_acc, seconds=time.perf_counter() - t0)
-        history.append(row)
-        if on_epoch:
-            on_epoch(row)
-        if diverging(row["train_loss"], spec.n_classes, params):
-            diverged = True  # keep the best weights seen so far; never save NaNs
-            break
-        if has_val:
-            if val_loss < best_loss:
-                best_loss, best_epoch, stale = val_loss, epoch + 1, 0
-                best_params = {k: v.copy() for k, v in params.items()}
-            else:
-                stale += 1
-                if stale >= config.patience:
-                    break
-    errstate.__exit__(None, None, None)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for epoch in range(config.epochs):
+            t0 = time.perf_counter()
+            lr = scheduled_lr(config.lr, epoch, config.lr_schedule, config.lr_decay)
+            loss_sum = correct = 0.0
+            for batch in minibatches(n, config.batch_size, shuffle_rng):
+                loss, grads, logits = loss_and_grads(
+                    spec, params, X_train[batch], splits.y_train[batch], dropout_rng
+                )
+                optimizer.step(params, grads, lr)
+                loss_sum += loss * len(batch)
+                correct += float((logits.argmax(axis=1) == splits.y_train[batch]).sum())
+            row = {
+                "epoch": epoch + 1,
+                "lr": lr,
+                "train_loss": loss_sum / n,
+                "train_accuracy": correct / n,
+            }
+            val_loss, val_acc = evaluate(spec, params, splits.X_val, splits.y_val)
+            row.update(val_loss=val_loss, val_accuracy=val_acc, seconds=time.perf_counter() - t0)
+            history.append(row)
+            if on_epoch:
+                on_epoch(row)
+            if diverging(row["train_loss"], spec.n_classes, params):
+                diverged = True  # keep the best weights seen so far; never save NaNs
+                break
+            if has_val:
+                if val_loss < best_loss:
+                    best_loss, best_epoch, stale = val_loss, epoch + 1, 0
+                    best_params = {k: v.copy() for k, v in params.items()}
+                else:
+                    stale += 1
+                    if stale >= config.patience:
+                        break
+            elif config.epochs > 1:
+                # Without validation the last finite epoch is the best known: a later divergence must
+                # fall back to it, not throw every epoch away (one copy per epoch, small next to it).
+                best_epoch, best_params = epoch + 1, {k: v.copy() for k, v in params.items()}
     if best_params is not None:
         params = best_params
     elif diverged:

@@ -164,6 +164,10 @@ def read_trials(path: Path) -> list[dict[str, Any]]:
                 row[k] = int(float(raw[k])) if raw[k] not in ("", "None") else None
             for k in ("lr", "beta1", "weight_decay", "val_accuracy", "val_loss"):
                 row[k] = float(raw[k]) if raw[k] not in ("", "None") else math.nan
+            # optional figures (empty for a failed trial): numbers again, or None, so that a
+            # best.json written after --resume holds numbers, not strings
+            for k in ("test_accuracy", "train_accuracy", "seconds"):
+                row[k] = float(raw[k]) if raw[k] not in ("", "None") else None
             row["hidden"] = tuple(int(w) for w in raw["hidden"].split("x"))
             rows.append(row)
     return rows
@@ -228,6 +232,7 @@ def search(
             rng = np.random.default_rng(np.random.SeedSequence([seed, 7919, rnd]))
             points = [(first_trial + i, sample(box, rng)) for i in range(count)]
             first_trial += count
+            _check_resumed(rows, points, rnd, csv_path)
             todo = [(t, p) for t, p in points if t not in done]
             base_round = {**base, "split_seed": seed}
             with ProcessPoolExecutor(jobs, get_context("fork"), initializer=_init_worker) as pool:
@@ -251,6 +256,30 @@ def search(
                         on_trial(row, (best_trials(rows, 0) or [None])[0])
     ranked = best_trials(rows, 0)
     return SearchResult(rows, boxes, ranked[0] if ranked else None)
+
+
+def _check_resumed(
+    rows: list[dict[str, Any]], points: list[tuple[int, dict[str, Any]]], rnd: int, csv_path: Path
+) -> None:
+    """A resumed trial must be the one this search would run under that number: otherwise the
+    file comes from another search (other --seed, --trials, --rounds or ranges) and skipping its
+    trial numbers would silently mix two searches."""
+    stored = {r["trial"]: r for r in rows}
+    for t, p in points:
+        r = stored.get(t)
+        if r is None:
+            continue
+        same = (
+            r["round"] == rnd
+            and r["lr"] == p["lr"]
+            and tuple(r["hidden"]) == p["hidden"]
+            and r["bn"] == p["bn"]
+        )
+        if not same:
+            raise UsageError(
+                f"{csv_path}: trial {t} was written by a different search (other --seed, "
+                "--trials, --rounds or ranges); resume with the same options or choose another --out"
+            )
 
 
 def best_config(base: dict[str, Any], best: dict[str, Any]) -> dict[str, Any]:
