@@ -886,6 +886,11 @@ def fold_onnx_file(
     output = check_output_path(output_path)
     if report_path is not None:
         check_output_path(report_path)
+    source = Path(input_path)
+    for target in (output, Path(report_path) if report_path is not None else None):
+        # overwriting the input would lose the original the parity gate compares against
+        if target is not None and target.exists() and source.exists() and target.samefile(source):
+            raise UsageError(f"output path {target} is the input model itself; choose another file")
     original = load_foreign_model(input_path)
     refuse_unsafe(original)  # before onnxruntime, which may reject such a node less clearly
     X = probe_inputs(original, probe)

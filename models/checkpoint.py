@@ -108,7 +108,11 @@ def _from_header(path: Path, header: Any, arrays: dict[str, np.ndarray]) -> Chec
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path}: not a bnserve checkpoint (unknown header)")
     version = header.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(
+            f"{path}: invalid checkpoint header (format_version {version!r} is not an integer)"
+        )
+    if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: checkpoint format version {version} is newer than this bnserve reads "
             f"(up to {FORMAT_VERSION}); upgrade bnserve"

@@ -113,3 +113,14 @@ def test_failed_parity_gate_exits_3_and_writes_no_model(tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert "parity gate failed" in err and "Traceback" not in err
     assert sorted(os.listdir(tmp_path)) == ["in.onnx"]
+
+
+def test_fold_refuses_to_overwrite_its_input(tmp_path):
+    src = _model(tmp_path)
+    before = src.read_bytes()
+    for extra in ([], ["--report", str(src)]):
+        out = src if not extra else tmp_path / "out.onnx"
+        result = run_cli("fold", str(src), "-o", str(out), *extra)
+        assert result.returncode == 2 and "is the input model itself" in result.stderr
+        assert src.read_bytes() == before
+        assert not (tmp_path / "out.onnx").exists()

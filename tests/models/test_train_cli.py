@@ -208,3 +208,19 @@ def test_outputs_are_readable_by_others(iris_run):
     # mkstemp's 0600 must not survive the rename: a service in a container runs as another user
     for name in ("checkpoint.npz", "metrics.json", "history.csv", "curves.png"):
         assert (iris_run / name).stat().st_mode & 0o044 == 0o044, name
+
+
+def test_non_integer_format_version_is_invalid_not_newer(iris_run, tmp_path):
+    import models.checkpoint as cp
+    from bnserve.errors import CheckpointError
+
+    ckpt = load_checkpoint(iris_run / "checkpoint.npz")
+    path = tmp_path / "float_version.npz"
+    old = cp.FORMAT_VERSION
+    try:
+        cp.FORMAT_VERSION = 1.0
+        cp.save_checkpoint(ckpt, path)
+    finally:
+        cp.FORMAT_VERSION = old
+    with pytest.raises(CheckpointError, match="is not an integer"):
+        load_checkpoint(path)
