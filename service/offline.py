@@ -7,13 +7,12 @@ scored offline gets the numbers the HTTP API would give.
 from __future__ import annotations
 
 import csv
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from bnserve.atomic import atomic_path
 from bnserve.errors import DataError, UsageError
 from service.runtime import ModelRuntime
 
@@ -130,15 +129,9 @@ def write_predictions(out: Path, runtime: ModelRuntime, probabilities: np.ndarra
     if not out.parent.is_dir():
         raise UsageError(f"-o {out}: directory {out.parent} does not exist")
     labels = runtime.labels
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["label", "class_index", *(f"p_{label}" for label in labels)])
-            best = probabilities.argmax(axis=1) if len(probabilities) else []
-            for row, index in zip(probabilities, best, strict=True):
-                writer.writerow([labels[index], int(index), *(str(p) for p in row)])
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["label", "class_index", *(f"p_{label}" for label in labels)])
+        best = probabilities.argmax(axis=1) if len(probabilities) else []
+        for row, index in zip(probabilities, best, strict=True):
+            writer.writerow([labels[index], int(index), *(str(p) for p in row)])

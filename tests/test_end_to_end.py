@@ -76,6 +76,7 @@ def test_predict_command_matches_checkpoint(pipeline, tmp_path):
     out = tmp_path / "scored.csv"
     result = run_cli("predict", str(model), str(src), "-o", str(out))
     assert result.returncode == 0, result.stderr
+    assert out.stat().st_mode & 0o044 == 0o044  # umask permissions, not mkstemp's 0600
     with open(out) as f:
         scored = list(csv.DictReader(f))
     expected = ckpt.predict_proba(data.X[:20])
