@@ -22,32 +22,40 @@ from service.gateway import AccessLog, Gateway
 from service.metrics import get_metrics
 from service.openapi import openapi_document
 from service.registry import ModelRegistry
+from service.reload import ModelStore
 from service.repository import find_models
 
 log = logging.getLogger("bnserve.service")
 
 
-def build_registry(config: ServiceConfig) -> tuple[ModelRegistry, Any]:
+def build_registry(config: ServiceConfig) -> tuple[ModelRegistry, ModelStore | None]:
     """Load every model: from the store's copies when `bnserve serve` set one up, else the files."""
-    store = None
     if config.runtime_dir:
-        from service.reload import ModelStore, repository_of
-
         store = ModelStore(config.runtime_dir)
-        state = store.read()
-        registry = ModelRegistry(repository_of(state), config.model_name)
-        registry.hashes = {
-            (name, int(v)): entry["sha256"]
-            for name, versions in state["models"].items()
-            for v, entry in versions.items()
-        }
-        registry.generation = state["generation"]
-        registry.draining = bool(state.get("draining"))
-    else:
-        registry = ModelRegistry(find_models(config.model, config.model_name), config.model_name)
+        registry = ModelRegistry({}, config.model_name)
+        registry.metrics = get_metrics()
+        registry.apply_state(
+            store.read(), config.device, config.intra_op_threads, config.output_kind
+        )
+        return registry, store
+    registry = ModelRegistry(find_models(config.model, config.model_name), config.model_name)
     registry.metrics = get_metrics()
     registry.load_all(config.device, config.intra_op_threads, config.output_kind)
-    return registry, store
+    return registry, None
+
+
+def load_tokens(config: ServiceConfig, store: ModelStore | None) -> tuple[bytes, ...] | None:
+    """The accepted tokens: the store's validated copy (every worker reads the same one), else
+    the token file. A copy that cannot be read accepts no token at all: never an open server."""
+    if not config.token_file:
+        return None
+    if store is None:
+        return read_tokens(config.token_file)
+    try:
+        return store.read_tokens()
+    except OSError as exc:
+        log.error("cannot read the token copy %s, refusing every token: %s", store.tokens_path, exc)
+        return ()
 
 
 def create_app(
@@ -75,7 +83,7 @@ def create_app(
         rule = request.url_rule  # None for 404: the gateway labels those "unmatched"
         request.environ["bnserve.route"] = rule.rule if rule is not None else None
 
-    tokens = read_tokens(config.token_file) if config.token_file else None
+    tokens = load_tokens(config, store)
     access = config.access_log and config.log_level in ("debug", "info")
     app.wsgi_app = Gateway(  # type: ignore[method-assign]
         app.wsgi_app,
@@ -83,7 +91,7 @@ def create_app(
         registry,
         metrics=metrics,
         access_log=AccessLog() if access else None,
-        auth=BearerAuth(tokens, config.public_metrics) if tokens else None,
+        auth=BearerAuth(tokens, config.public_metrics) if tokens is not None else None,
         store=store,
         openapi=orjson.dumps(openapi_document(registry, config)),
     )

@@ -7,12 +7,18 @@ and Flask's `get_json()` would answer 415). JSON is parsed with orjson, which fo
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import time
 import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from gunicorn.http.errors import NoMoreData, ParseException
 
-from service.errors import BadRequestError, PayloadTooLargeError
+from service.errors import BadRequestError, PayloadTooLargeError, RequestTimeoutError
 
 # How much of an over-limit body is read and thrown away before answering 413: reading it lets
 # the client receive the answer instead of a connection reset; beyond this the server stops.
@@ -33,6 +39,11 @@ def read_body(environ: dict[str, Any], limit: int) -> bytes:
             _drain(stream, min(length, _DRAIN_LIMIT))
             raise PayloadTooLargeError(f"request body is {length} bytes, the limit is {limit}")
         body = stream.read(length) if length > 0 else b""
+        if len(body) < length:
+            raise BadRequestError(
+                f"request body ended after {len(body)} of the {length} bytes its "
+                "Content-Length announced"
+            )
     elif (
         environ.get("wsgi.input_terminated")
         or "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
@@ -46,6 +57,80 @@ def read_body(environ: dict[str, Any], limit: int) -> bytes:
     if encoding in ("", "identity"):
         return body
     return _decompress(body, encoding, limit)
+
+
+class _Deadline(Exception):
+    """Raised inside a read by gevent's timer when the body deadline passes."""
+
+
+class TimedInput:
+    """`wsgi.input` with a deadline for the whole body, and HTTP framing errors as 400s.
+
+    gunicorn reads the body lazily, inside the app, so a client that announces more bytes than
+    it sends (or drips them) would hold the worker's slot without end, and a malformed chunk size
+    would surface as a 500. Under gevent the deadline is a gevent timer around each read (a true
+    total deadline); under sync and gthread workers it is the socket timeout, set to the time
+    left before each read. Either way a late body is a 408 and a malformed one a 400, and the
+    socket's read side is shut so the connection closes after the answer: what is left of that
+    body must not be parsed as the next request.
+    """
+
+    def __init__(self, stream: Any, sock: Any, deadline: float, cooperative: bool) -> None:
+        self.stream = stream
+        self.sock = sock
+        self.deadline = deadline
+        self.cooperative = cooperative
+
+    def read(self, size: int = -1) -> bytes:
+        with self._guard() as remaining:
+            if not self.cooperative:
+                return self.stream.read(size)
+            import gevent
+
+            with gevent.Timeout(remaining, _Deadline):
+                return self.stream.read(size)
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[float]:
+        remaining = self.deadline - time.monotonic()
+        timed_socket = not self.cooperative and self.sock is not None
+        previous = self.sock.gettimeout() if timed_socket else None
+        try:
+            if remaining <= 0:
+                raise _Deadline
+            if timed_socket:
+                self.sock.settimeout(remaining)
+            yield remaining
+        except (_Deadline, TimeoutError):
+            self._close_input()
+            raise RequestTimeoutError(
+                "the request body did not arrive in time (or was shorter than its "
+                "Content-Length); the connection is closed"
+            ) from None
+        except NoMoreData:
+            self._close_input()
+            raise BadRequestError(
+                "the connection ended in the middle of the request body"
+            ) from None
+        except ParseException as exc:
+            self._close_input()
+            raise BadRequestError(f"malformed request body framing: {exc}") from None
+        finally:
+            if timed_socket:
+                with contextlib.suppress(OSError):
+                    self.sock.settimeout(previous)
+
+    def _close_input(self) -> None:
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RD)
+
+    def readline(self, size: int = -1) -> bytes:
+        with self._guard():
+            return self.stream.readline(size)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.stream)
 
 
 def _drain(stream: Any, length: int) -> None:
@@ -75,10 +160,40 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
     return data
 
 
-def parse_json(body: bytes, example: str) -> Any:
+@dataclass(frozen=True)
+class JsonBudget:
+    """How much JSON one request may hold, checked by counting bytes before it is parsed.
+
+    Parsing is where a small body becomes a large worker: each `[]` or `{}` costs 56+ bytes of
+    Python objects for 2-3 bytes of JSON (16 MiB of them: 470 MB), each short number 32 bytes
+    for 4 (16 MiB: 224 MB). So arrays/objects and commas are counted first (a byte count runs
+    at gigabytes per second) and a body holding more than a request of `rows` rows of `values`
+    numbers needs is refused before it is parsed. Brackets and commas inside strings count too:
+    a safe overcount.
+    """
+
+    containers: int = 1024
+    separators: int = 4096
+
+    @classmethod
+    def for_rows(cls, rows: int, features: int) -> JsonBudget:
+        """One array or object per row (twice over), one comma per value (twice over), plus
+        room for the envelope, parameters and outputs."""
+        return cls(2 * rows + 1024, 2 * rows * features + 4096)
+
+
+def parse_json(body: bytes, example: str, budget: JsonBudget = JsonBudget()) -> Any:
     """Parse a JSON document; the error says what was expected (`example`) and what went wrong."""
     if not body.strip():
         raise BadRequestError(f"empty request body: expected JSON like {example}")
+    containers = body.count(b"[") + body.count(b"{")
+    separators = body.count(b",")
+    if containers > budget.containers or separators > budget.separators:
+        raise BadRequestError(
+            f"the JSON body holds {containers} arrays/objects and {separators} values; a request "
+            f"of this server holds at most {budget.containers} and {budget.separators} "
+            f"(--max-batch rows of the model's features): expected JSON like {example}"
+        )
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -88,9 +203,11 @@ def parse_json(body: bytes, example: str) -> Any:
         raise BadRequestError(f"invalid JSON: {exc}{hint}") from None
 
 
-def parse_json_object(body: bytes, example: str) -> dict[str, Any]:
-    """Parse a JSON body that must be an object."""
-    document = parse_json(body, example)
+def parse_json_object(
+    body: bytes, example: str, budget: JsonBudget = JsonBudget()
+) -> dict[str, Any]:
+    """Parse a JSON body that must be an object, within `budget`."""
+    document = parse_json(body, example, budget)
     if not isinstance(document, dict):
         raise BadRequestError(
             f"expected a JSON object like {example}, got a JSON {json_type(document)}"

@@ -21,7 +21,9 @@ from bnserve.errors import UsageError
 from service.config import (
     DEVICES,
     LOG_LEVELS,
+    MODEL_CONTROL_MODES,
     OUTPUT_KINDS,
+    WORKER_CLASSES,
     ServiceConfig,
     default_workers,
     env_bool,
@@ -71,7 +73,9 @@ def serve_parser() -> argparse.ArgumentParser:
         "BNSERVE_MAX_BATCH, BNSERVE_MAX_BODY_MB, BNSERVE_TIMEOUT, BNSERVE_TOKEN_FILE, "
         "BNSERVE_PUBLIC_METRICS, BNSERVE_DRAIN_SECONDS, BNSERVE_MAX_REQUESTS, "
         "BNSERVE_MAX_REQUESTS_JITTER, BNSERVE_ACCESS_LOG, BNSERVE_RUNTIME_DIR, "
-        "BNSERVE_METRICS_DIR (else PROMETHEUS_MULTIPROC_DIR); flags win.",
+        "BNSERVE_METRICS_DIR (else PROMETHEUS_MULTIPROC_DIR), BNSERVE_WORKER_CLASS, "
+        "BNSERVE_WORKER_CONNECTIONS, BNSERVE_KEEP_ALIVE, BNSERVE_BODY_TIMEOUT, "
+        "BNSERVE_MODEL_CONTROL, BNSERVE_ALLOW_SIGNATURE_CHANGE; flags win.",
     )
     p.add_argument(
         "model",
@@ -102,7 +106,35 @@ def serve_parser() -> argparse.ArgumentParser:
         "--threads",
         type=_positive,
         default=env_int("BNSERVE_THREADS", 1),
-        help="threads per worker; above 1 uses gthread workers (default: 1, sync)",
+        help="threads per gthread worker; above 1 without --worker-class selects gthread "
+        "(default: 1)",
+    )
+    p.add_argument(
+        "--worker-class",
+        choices=WORKER_CLASSES,
+        default=_choice_env("BNSERVE_WORKER_CLASS", "", ("", *WORKER_CLASSES)) or None,
+        help="gevent (default) serves many connections per worker, keeps them alive and "
+        "cannot be blocked by slow clients; sync only behind a buffering proxy (nginx)",
+    )
+    p.add_argument(
+        "--worker-connections",
+        type=_positive,
+        default=env_int("BNSERVE_WORKER_CONNECTIONS", 1000),
+        help="gevent: most open connections per worker; more wait to be accepted (default: 1000)",
+    )
+    p.add_argument(
+        "--keep-alive",
+        type=_positive,
+        default=env_int("BNSERVE_KEEP_ALIVE", 5),
+        help="seconds an idle kept-alive connection stays open, and the deadline for a "
+        "request's headers (default: 5)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=_positive_seconds,
+        default=env_float("BNSERVE_BODY_TIMEOUT", 10.0),
+        help="seconds to receive a whole request body; a slower or short body gets 408 and "
+        "the connection is closed (default: 10)",
     )
     p.add_argument(
         "--intra-op-threads",
@@ -180,6 +212,21 @@ def serve_parser() -> argparse.ArgumentParser:
         help="random extra requests per worker before recycling (default: max-requests / 10)",
     )
     p.add_argument(
+        "--model-control",
+        choices=MODEL_CONTROL_MODES,
+        default=_choice_env("BNSERVE_MODEL_CONTROL", "none", MODEL_CONTROL_MODES),
+        help="none: the repository load/unload routes answer 403 (SIGHUP still reloads); "
+        "explicit: they load and unload models, with the token when one is set (default: none)",
+    )
+    p.add_argument(
+        "--allow-signature-change",
+        action=argparse.BooleanOptionalAction,
+        default=env_bool("BNSERVE_ALLOW_SIGNATURE_CHANGE", False),
+        help="let a reload serve a model whose inputs, outputs or labels differ from the "
+        "served one (default: refused with the difference logged; a load request can allow it "
+        'with {"parameters": {"allow_signature_change": true}})',
+    )
+    p.add_argument(
         "--runtime-dir",
         default=env_str("BNSERVE_RUNTIME_DIR", None),
         help="writable directory for the model copies and reload state "
@@ -191,6 +238,16 @@ def serve_parser() -> argparse.ArgumentParser:
         help="prometheus multiprocess files, emptied at start (default: RUNTIME_DIR/metrics)",
     )
     return p
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value < 86400:
+        raise argparse.ArgumentTypeError(f"expected seconds > 0 (and under a day), got {text!r}")
+    return value
 
 
 def _non_negative(text: str) -> float:
@@ -220,12 +277,22 @@ def config_from_args(argv: list[str]) -> ServiceConfig:
         raise UsageError("no model: pass an .onnx file or repository, or set BNSERVE_MODEL")
     if not args.max_body_mb > 0:
         raise UsageError(f"--max-body-mb must be positive, got {args.max_body_mb}")
+    worker_class = args.worker_class or ("gthread" if args.threads > 1 else "gevent")
+    if args.threads > 1 and worker_class != "gthread":
+        raise UsageError(
+            f"--threads {args.threads} needs --worker-class gthread "
+            f"({worker_class} workers run one thread each)"
+        )
     return ServiceConfig(
         model=str(args.model),
         model_name=args.model_name,
         device=args.device,
         workers=args.workers,
         threads=args.threads,
+        worker_class=worker_class,
+        worker_connections=args.worker_connections,
+        keep_alive=args.keep_alive,
+        body_timeout=args.body_timeout,
         intra_op_threads=args.intra_op_threads,
         host=args.host,
         port=args.port,
@@ -244,6 +311,8 @@ def config_from_args(argv: list[str]) -> ServiceConfig:
         ),
         runtime_dir=args.runtime_dir,
         metrics_dir=args.metrics_dir,
+        model_control=args.model_control,
+        allow_signature_change=args.allow_signature_change,
     )
 
 
@@ -289,7 +358,7 @@ def serve_main(argv: list[str]) -> int:
                 details["output_kind"],
                 details["device"],
             )
-    config, cleanup = prepare_runtime(config, repository)
+    config, cleanup = prepare_runtime(config, repository, probed)
     master = os.getpid()
     try:
         BnserveApplication(config, repository).run()
@@ -299,24 +368,35 @@ def serve_main(argv: list[str]) -> int:
     return 0
 
 
-def prepare_runtime(config: ServiceConfig, repository: Any) -> tuple[ServiceConfig, Path | None]:
+def prepare_runtime(
+    config: ServiceConfig, repository: Any, probed: dict[str, Any] | None = None
+) -> tuple[ServiceConfig, Path | None]:
     """Before forking: token check, metrics directory, model store; returns the directory to
     remove at exit (the default runtime directory), if any."""
     from service.auth import read_tokens
     from service.metrics import prepare_dir
     from service.reload import ModelStore
 
-    if config.token_file:
-        read_tokens(config.token_file)  # refuse to start with no usable token
+    # refuse to start with no usable token; workers read the store's validated copy
+    tokens = read_tokens(config.token_file) if config.token_file else None
+    if config.model_control == "explicit" and tokens is None:
+        log.warning(
+            "--model-control explicit without --token-file: anyone who reaches the server "
+            "can load and unload models"
+        )
     cleanup = None
     if config.runtime_dir:
         runtime_dir = Path(config.runtime_dir)
     else:
         runtime_dir = cleanup = Path(tempfile.mkdtemp(prefix="bnserve-"))
     metrics_dir = prepare_dir(config.metrics_dir or runtime_dir / "metrics")
-    ModelStore(runtime_dir).init(repository)
     log.debug("runtime directory %s, metrics in %s", runtime_dir, metrics_dir)
     config = replace(config, runtime_dir=str(runtime_dir), metrics_dir=str(metrics_dir))
+    signatures = {
+        name: {version: details.get("signature") for version, details in versions.items()}
+        for name, versions in (probed or {}).get("models", {}).items()
+    }
+    ModelStore(runtime_dir).init(repository, config, signatures, tokens)
     return config, cleanup
 
 

@@ -6,8 +6,10 @@ dataclass travels from the CLI through gunicorn into `create_app` in every worke
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 from bnserve.errors import UsageError
@@ -15,14 +17,52 @@ from bnserve.errors import UsageError
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 DEVICES = ("cpu", "cuda", "auto")
 OUTPUT_KINDS = ("auto", "probabilities", "logits")
+# gevent first: it is the one that no slow or idle client can block (docs/serving.md); sync is
+# for deployments behind a buffering proxy, gthread for --threads > 1.
+WORKER_CLASSES = ("gevent", "sync", "gthread")
+# Triton's names: `none` refuses the repository load/unload routes, `explicit` serves them.
+MODEL_CONTROL_MODES = ("none", "explicit")
+
+_CGROUP_V2_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+_CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
+_CGROUP_V1_PERIOD = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+
+
+def cgroup_cpu_limit(
+    cpu_max: Path = _CGROUP_V2_CPU_MAX,
+    v1_quota: Path = _CGROUP_V1_QUOTA,
+    v1_period: Path = _CGROUP_V1_PERIOD,
+) -> float | None:
+    """The CPU quota of this process's cgroup in cores (`docker --cpus 2` gives 2.0), or None.
+
+    cgroup v2 writes `"<quota> <period>"` (or `"max <period>"`) to cpu.max; v1 splits them over
+    cpu.cfs_quota_us (-1 when unlimited) and cpu.cfs_period_us.
+    """
+    try:
+        quota_text, period_text = cpu_max.read_text().split()[:2]
+        if quota_text == "max":
+            return None
+        return int(quota_text) / int(period_text)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota, period = int(v1_quota.read_text()), int(v1_period.read_text())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
 
 
 def default_workers() -> int:
-    """One worker per core this process may run on (each worker runs single-threaded)."""
+    """One worker per core this process may use (each worker runs single-threaded): the CPUs it
+    may run on, capped by the container's CPU quota (a 2-CPU container on a 64-core host gets 2)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_limit()
+    if quota is not None:
+        cores = min(cores, math.ceil(quota))
+    return max(1, cores)
 
 
 @dataclass(frozen=True)
@@ -34,6 +74,10 @@ class ServiceConfig:
     device: str = "cpu"
     workers: int = 1
     threads: int = 1
+    worker_class: str = "gevent"
+    worker_connections: int = 1000  # open connections per gevent worker; more wait in the backlog
+    keep_alive: int = 5  # idle seconds on a kept-alive connection, and the headers' deadline
+    body_timeout: float = 10.0  # seconds to receive a whole request body, else 408
     intra_op_threads: int = 1
     host: str = "127.0.0.1"
     port: int = 8000
@@ -42,7 +86,7 @@ class ServiceConfig:
     output_kind: str = "auto"
     log_level: str = "info"
     timeout: int = 30
-    # Operations (issue 8): see service/gateway.py, service/metrics.py, service/reload.py.
+    # Operations: see service/gateway.py, service/metrics.py, service/reload.py.
     access_log: bool = True
     token_file: str | None = None
     public_metrics: bool = False
@@ -51,6 +95,8 @@ class ServiceConfig:
     max_requests_jitter: int = 0
     runtime_dir: str | None = None  # model store and state file (set by `bnserve serve`)
     metrics_dir: str | None = None  # prometheus multiprocess files (set by `bnserve serve`)
+    model_control: str = "none"
+    allow_signature_change: bool = False  # reloads may change a model's inputs/outputs/labels
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> ServiceConfig:

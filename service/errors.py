@@ -25,6 +25,20 @@ class BadRequestError(BnserveError):
     http_status = 400
 
 
+class ForbiddenError(BnserveError):
+    """The route exists but this server's settings refuse it (403), e.g. model control none."""
+
+    exit_code = 2
+    http_status = 403
+
+
+class RequestTimeoutError(BnserveError):
+    """The client did not send the whole body in time (408); the connection is closed."""
+
+    exit_code = 2
+    http_status = 408
+
+
 class NotFoundError(BnserveError):
     """An unknown model, version or route (404)."""
 
@@ -37,6 +51,13 @@ class PayloadTooLargeError(BnserveError):
 
     exit_code = 2
     http_status = 413
+
+
+class GatewayTimeoutError(BnserveError):
+    """Work the request waits for (a model reload) did not finish in time (504)."""
+
+    exit_code = 1
+    http_status = 504
 
 
 class NotReadyError(BnserveError):

@@ -30,6 +30,7 @@ import orjson
 
 from bnserve.errors import BnserveError
 from service.auth import BearerAuth
+from service.body import TimedInput
 from service.config import ServiceConfig
 from service.registry import ModelRegistry
 from service.simple_api import predict_body
@@ -50,11 +51,14 @@ _STATUS_LINES = {
     200: "200 OK",
     400: "400 Bad Request",
     401: "401 Unauthorized",
+    403: "403 Forbidden",
     404: "404 Not Found",
     405: "405 Method Not Allowed",
+    408: "408 Request Timeout",
     413: "413 Request Entity Too Large",
     500: "500 Internal Server Error",
     503: "503 Service Unavailable",
+    504: "504 Gateway Timeout",
 }
 
 
@@ -124,6 +128,7 @@ class Gateway:
         self.store = store
         self.openapi = openapi
         self._state_key: tuple[int, int] | None = None
+        self._cooperative = gevent_patched()
         self._prefix = os.urandom(6).hex() + "-"
         self._count = itertools.count(1)
 
@@ -135,6 +140,14 @@ class Gateway:
         if request_id is None or _REQUEST_ID.fullmatch(request_id) is None:
             request_id = self._prefix + format(next(self._count), "x")
         environ["bnserve.request_id"] = request_id
+        stream = environ.get("wsgi.input")
+        if stream is not None:
+            environ["wsgi.input"] = TimedInput(
+                stream,
+                environ.get("gunicorn.socket"),
+                time.monotonic() + self.config.body_timeout,
+                self._cooperative,
+            )
         if self.store is not None:
             self._watch()
         metrics = self.metrics
@@ -142,6 +155,12 @@ class Gateway:
             metrics.in_flight.inc()
         try:
             code, headers, body, route = self._dispatch(environ)
+        except Exception as exc:  # a bug: log it, answer JSON, keep serving
+            log.exception(
+                "unhandled error in %s %s", environ["REQUEST_METHOD"], environ.get("PATH_INFO")
+            )
+            body = _error(500, f"internal error: {type(exc).__name__}")
+            code, headers, route = 500, self._headers(body), UNMATCHED
         finally:
             if metrics is not None:
                 metrics.in_flight.dec()
@@ -198,10 +217,6 @@ class Gateway:
         except BnserveError as exc:
             code = exc.http_status
             body = _error(code, str(exc))
-        except Exception as exc:  # a bug: log it, answer JSON, keep serving
-            log.exception("unhandled error in POST /predict")
-            code = 500
-            body = _error(500, f"internal error: {type(exc).__name__}")
         return code, self._headers(body), body, "/predict"
 
     def _plain(self, path: str, method: str) -> tuple[Any, list, bytes, str]:
@@ -250,8 +265,29 @@ class Gateway:
             log.error("cannot read the model state %s: %s", self.store.state_path, exc)
             return
         config = self.config
+        tokens_before = self.registry.tokens_sha256
         self.registry.apply_state(state, config.device, config.intra_op_threads, config.output_kind)
+        if self.auth is not None and self.registry.tokens_sha256 != tokens_before:
+            self._reload_tokens()
         self._state_key = key
+
+    def _reload_tokens(self) -> None:
+        """The master validated the new token file before publishing it: read its copy."""
+        try:
+            self.auth.tokens = self.store.read_tokens()
+        except OSError as exc:  # keep the tokens in force rather than open or lock out
+            log.error("cannot read the new tokens %s: %s", self.store.tokens_path, exc)
+            return
+        log.info("bearer tokens reloaded (%d token(s))", len(self.auth.tokens))
+
+
+def gevent_patched() -> bool:
+    """Whether this process runs under gevent's monkey patch (gunicorn's gevent worker)."""
+    try:
+        from gevent import monkey
+    except ImportError:
+        return False
+    return bool(monkey.is_module_patched("socket"))
 
 
 def path_route(path: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 import time
 from typing import Any
@@ -23,8 +24,15 @@ from service.repository import Repository
 log = logging.getLogger("bnserve.service")
 
 
+# gunicorn's own request-head limits, stated here because they bound what one request can cost:
+# the request line, the number of header fields and the size of each.
+LIMIT_REQUEST_LINE = 8190
+LIMIT_REQUEST_FIELDS = 100
+LIMIT_REQUEST_FIELD_SIZE = 8190
+
+
 def gunicorn_settings(config: ServiceConfig) -> dict[str, Any]:
-    """gunicorn settings for `config`: sync workers, or gthread when --threads > 1."""
+    """gunicorn settings for `config`: gevent workers by default (docs/serving.md says why)."""
     host = (
         f"[{config.host}]"
         if ":" in config.host and not config.host.startswith("[")
@@ -34,7 +42,14 @@ def gunicorn_settings(config: ServiceConfig) -> dict[str, Any]:
         "bind": [f"{host}:{config.port}"],
         "workers": config.workers,
         "threads": config.threads,
-        "worker_class": "gthread" if config.threads > 1 else "sync",
+        "worker_class": config.worker_class,
+        "worker_connections": config.worker_connections,
+        # gevent and gthread: idle keep-alive time; gevent also reads each request's headers
+        # under this deadline, so a client that sends them slowly loses its connection.
+        "keepalive": config.keep_alive,
+        "limit_request_line": LIMIT_REQUEST_LINE,
+        "limit_request_fields": LIMIT_REQUEST_FIELDS,
+        "limit_request_field_size": LIMIT_REQUEST_FIELD_SIZE,
         "timeout": config.timeout,
         "graceful_timeout": config.timeout,
         "preload_app": False,  # sessions must be created after the fork
@@ -91,10 +106,12 @@ def child_exit(server: Any, worker: Any) -> None:
 
 
 class BnserveArbiter(Arbiter):
-    """gunicorn's master with two changes, both for operations (issue 8):
+    """gunicorn's master with these changes, all for operations:
 
-    - SIGHUP reloads the models (service/reload.py: validate, then switch every worker through
-      the state file) instead of replacing the workers; a bad file changes nothing.
+    - SIGHUP queues a reload of the models and the token file (service/reload.py) instead of
+      replacing the workers. The master never validates anything itself: once a second (its
+      loop tick) it starts the reload runner process when requests are pending and none runs,
+      so a storm of SIGHUPs costs one pass and never delays replacing a dead worker.
     - SIGTERM with `--drain-seconds N`: readiness answers 503 in every worker while they keep
       serving for N seconds, then the usual graceful stop. A second SIGTERM stops at once.
     """
@@ -103,28 +120,44 @@ class BnserveArbiter(Arbiter):
         super().__init__(app)
         self.bnserve_config: ServiceConfig = app.config
         self.drain_deadline: float | None = None
+        self.reload_runner: subprocess.Popen | None = None
 
     def _store(self) -> Any:
         from service.reload import ModelStore
 
-        runtime_dir = self.bnserve_config.runtime_dir
-        return ModelStore(runtime_dir) if runtime_dir else None
+        return ModelStore(self.bnserve_config.runtime_dir)
 
     def handle_hup(self) -> None:
-        store = self._store()
-        if store is None:
-            super().handle_hup()
-            return
-        from service.reload import reload_models
-
-        self.log.info("SIGHUP: reloading the models")
+        self.log.info("SIGHUP: reloading the models and the token file")
         try:
-            results = reload_models(store, self.bnserve_config)
+            self._store().submit(
+                "load", None, self.bnserve_config.allow_signature_change, tokens=True
+            )
         except Exception:  # the master must survive whatever a reload meets
-            self.log.exception("model reload failed")
+            self.log.exception("cannot queue the reload")
             return
-        for name, result in results.items():
-            self.log.info("reload %s: %s", name, result["result"])
+        self.start_reload_runner()
+
+    def start_reload_runner(self) -> None:
+        """Start `python -m service.reload` when requests wait and no runner is alive."""
+        runner = self.reload_runner
+        if runner is not None:
+            if runner.poll() is None:
+                return
+            from service.metrics import mark_dead
+
+            mark_dead(runner.pid)  # its reload counters join the archive
+            self.reload_runner = None
+        try:
+            if not self._store().has_pending():
+                return
+            self.reload_runner = subprocess.Popen(
+                [sys.executable, "-m", "service.reload", str(self.bnserve_config.runtime_dir)],
+                stdin=subprocess.DEVNULL,
+                close_fds=True,
+            )
+        except Exception:
+            self.log.exception("cannot start the reload runner")
 
     def handle_term(self) -> None:
         drain = self.bnserve_config.drain_seconds
@@ -136,8 +169,9 @@ class BnserveArbiter(Arbiter):
         self.drain_deadline = time.monotonic() + drain
         self.log.info("SIGTERM: draining for %.1f s (readiness answers 503), then stopping", drain)
 
-    def murder_workers(self) -> None:
+    def murder_workers(self) -> None:  # called once per master loop (about a second)
         super().murder_workers()
+        self.start_reload_runner()
         if self.drain_deadline is not None and time.monotonic() >= self.drain_deadline:
             self.log.info("drain period over: stopping gracefully")
             raise StopIteration
@@ -172,10 +206,4 @@ class BnserveApplication(BaseApplication):
     def load(self) -> Any:
         from service.app import create_app
 
-        if self.config.runtime_dir:  # the models come from the store's copies (reload.py)
-            return create_app(self.config)
-        from service.registry import ModelRegistry
-
-        registry = ModelRegistry(self.repository, self.config.model_name)
-        registry.load_all(self.config.device, self.config.intra_op_threads, self.config.output_kind)
-        return create_app(self.config, registry)
+        return create_app(self.config)  # the models come from the store's copies (reload.py)

@@ -47,13 +47,43 @@ def prepare_dir(path: str | Path) -> Path:
     return directory
 
 
+# Counter and histogram values of exited processes are summed into one file per type, so that
+# /metrics reads a number of files bounded by the live workers, not by every worker ever started.
+ARCHIVED_TYPES = ("counter", "histogram")
+# "0archive" sorts before every pid, so /metrics reads the archive before the files that may be
+# merged into it meanwhile (and retries when one vanished): no scrape counts a value twice.
+ARCHIVE_PID = "0archive"
+
+
 def mark_dead(pid: int) -> None:
-    """Drop a dead worker's live gauges (gunicorn `child_exit` hook, in the master)."""
-    if not os.environ.get(ENV):
+    """A worker (or reload runner) exited: drop its live gauges and fold its counters and
+    histograms into the archive files (gunicorn `child_exit` hook and the reload tick, both in
+    the master, the archive's only writer)."""
+    directory = os.environ.get(ENV)
+    if not directory:
         return
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(pid)
+    archive_process(Path(directory), str(pid))
+
+
+def archive_process(directory: Path, pid: str) -> None:
+    """Add `pid`'s counter/histogram files into `<type>_archive.db`, then delete them."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    for kind in ARCHIVED_TYPES:
+        dead = directory / f"{kind}_{pid}.db"
+        if not dead.exists():
+            continue
+        values = MmapedDict.read_all_values_from_file(str(dead))
+        archive = MmapedDict(str(directory / f"{kind}_{ARCHIVE_PID}.db"))
+        try:
+            for key, value, _timestamp, _pos in values:
+                archive.write_value(key, archive.read_value(key)[0] + value, 0.0)
+        finally:
+            archive.close()
+        dead.unlink(missing_ok=True)
 
 
 class Metrics:
@@ -134,6 +164,11 @@ def render() -> tuple[bytes, str]:
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
+        for _attempt in range(4):
+            try:
+                return generate_latest(registry), CONTENT_TYPE_LATEST
+            except FileNotFoundError:  # a dead process's file was archived during the read
+                continue
         return generate_latest(registry), CONTENT_TYPE_LATEST
     from prometheus_client import REGISTRY
 

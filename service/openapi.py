@@ -32,9 +32,12 @@ def _errors(*codes: int) -> dict[str, Any]:
     text = {
         400: "Bad input: the message says what was expected",
         401: "Missing or invalid bearer token (WWW-Authenticate says how to authenticate)",
+        403: "Model control is off (--model-control none): the message says how to enable it",
         404: "Unknown model, version or route",
+        408: "The request body did not arrive within --body-timeout (the connection is closed)",
         413: "Body over the size limit, or more rows than the row limit",
         503: "The model is not loaded (or the server is draining)",
+        504: "The reload is still running; its result is logged",
     }
     return {str(code): _json(_ref("Error"), text[code]) for code in codes}
 
@@ -225,7 +228,7 @@ def _schemas(n_features: int | None) -> dict[str, Any]:
             "required": ["name", "result", "versions"],
             "properties": {
                 "name": {"type": "string"},
-                "result": {"type": "string", "enum": ["ok", "unchanged"]},
+                "result": {"type": "string", "enum": ["ok", "unchanged", "unloaded"]},
                 "versions": {"type": "object", "additionalProperties": {"type": "string"}},
             },
         },
@@ -288,6 +291,26 @@ def openapi_document(registry: ModelRegistry, config: ServiceConfig) -> dict[str
     predict_body = {
         "required": True,
         "content": {JSON: {"schema": _ref("PredictRequest")}},
+    }
+    control_body = {
+        "required": False,
+        "content": {
+            JSON: {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "parameters": {
+                            "type": "object",
+                            "properties": {
+                                "allow_signature_change": {"type": "boolean"},
+                                "unload_dependents": {"type": "boolean"},
+                            },
+                            "additionalProperties": False,
+                        }
+                    },
+                }
+            }
+        },
     }
     infer_body = {"required": True, "content": {JSON: {"schema": _ref("InferRequest")}}}
     infer_ok = {
@@ -383,10 +406,21 @@ def openapi_document(registry: ModelRegistry, config: ServiceConfig) -> dict[str
         },
         "/v2/repository/models/{name}/load": {
             "post": op(
-                "Hot reload: validate the model's files and switch every worker to them",
-                _json(_ref("LoadResult"), "Reloaded (or unchanged)"),
-                (400, 404),
+                "Load or hot-reload a model (--model-control explicit): validate its files, "
+                "compare its signature, switch every worker to it",
+                _json(_ref("LoadResult"), "Loaded (or unchanged)"),
+                (400, 403, 404, 504),
                 (name,),
+                control_body,
+            )
+        },
+        "/v2/repository/models/{name}/unload": {
+            "post": op(
+                "Unload a model (--model-control explicit): every worker stops serving it",
+                _json(_ref("LoadResult"), "Unloaded (or already unloaded)"),
+                (400, 403, 404, 504),
+                (name,),
+                control_body,
             )
         },
         "/metrics": {

@@ -93,6 +93,7 @@ def _probe(config: ServiceConfig, repository: dict[str, Any] | None = None) -> d
                 "output_kind": runtime.info.output_kind,
                 "device": runtime.device,
                 "feature_names": list(runtime.info.feature_names or ()),
+                "signature": runtime.signature(),
             }
     return {"device": "cuda" if "cuda" in devices else "cpu", "models": models}
 

@@ -46,9 +46,11 @@ class ModelRegistry:
 
     def __init__(self, repository: Repository, default_model: str | None = None) -> None:
         self.models = {name: ModelVersions(name, paths) for name, paths in repository.items()}
-        if default_model is None and len(self.models) == 1:
-            default_model = next(iter(self.models))
+        self._configured_default = default_model
         self.default_model = default_model
+        self._pick_default()
+        self.unloaded: set[str] = set()  # unloaded through the repository API (explicit mode)
+        self.tokens_sha256: str | None = None  # the state's token generation
         self.draining = False  # set from the state file after SIGTERM with --drain-seconds
         self.generation = -1  # the state file generation applied (service/reload.py)
         self.hashes: dict[tuple[str, int], str] = {}
@@ -56,6 +58,11 @@ class ModelRegistry:
         # gthread workers: two requests may see a new state file at once (or one of them runs
         # the repository load route); one of them switches, the other finds it done.
         self._switch = threading.Lock()
+
+    def _pick_default(self) -> None:
+        """With no --model-name, a server of one model serves it on `POST /predict`."""
+        if self._configured_default is None:
+            self.default_model = next(iter(self.models)) if len(self.models) == 1 else None
 
     def load_all(self, device: str, intra_op_threads: int, output_kind: str) -> None:
         """Load every version; failures are logged and leave that version not ready."""
@@ -153,6 +160,9 @@ class ModelRegistry:
             for (name, version), sha in hashes.items():
                 self.metrics.served(name, version, models[name].loaded[version].device, sha, True)
         self.models, self.hashes, self.generation = models, hashes, state["generation"]
+        self.unloaded = set(state.get("unloaded") or ())
+        self.tokens_sha256 = state.get("tokens_sha256")
+        self._pick_default()
 
     @property
     def ready(self) -> bool:
@@ -162,6 +172,11 @@ class ModelRegistry:
         try:
             return self.models[name]
         except KeyError:
+            if name in self.unloaded:
+                raise NotFoundError(
+                    f"model {name!r} is unloaded; POST /v2/repository/models/{name}/load "
+                    "serves it again"
+                ) from None
             raise NotFoundError(
                 f"unknown model {name!r} (models: {', '.join(self.models)})"
             ) from None

@@ -1,22 +1,30 @@
-"""Hot reload: the model store, the state file every worker watches, and the reload procedure.
+"""Hot reload: the model store, the state file every worker watches, and the reload runner.
 
 A request reaches one gunicorn worker, and a signal reaches the master, but a reload must change
-every worker and must never take the server down. So:
+every worker and must never take the server down, block the master, or break existing clients.
+So:
 
 - Every model file served is first copied into `RUNTIME_DIR/store/<sha256>.onnx` (by content
   hash); workers load only those copies. A file truncated or replaced later on disk cannot reach
   a worker that boots afterwards (after a crash, SIGKILL or `--max-requests` recycling), because
-  that worker loads the last good copy: a worker that fails to boot would halt gunicorn.
-- `RUNTIME_DIR/models.json` (the state) names the copy each model version is served from, and
-  whether the server is draining. It is replaced atomically (write + rename); each worker checks
-  its inode and mtime with one `stat` per request and switches to a new state before answering.
-- A reload (SIGHUP in the master, or `POST /v2/repository/models/{m}/load` in any worker) copies
-  the changed files into the store, validates the copies in a child process (`service.probe`:
-  load and warm up, as a worker would), and only when every changed version of a model passes
-  writes the new state. A bad candidate is logged, counted in `bnserve_model_reloads_total`, and
-  leaves the state (and so every worker) on the last good model.
+  that worker loads the last good copy: a worker that fails to boot would halt gunicorn. The
+  bearer tokens are kept the same way (`RUNTIME_DIR/tokens`, validated before it is replaced),
+  so every worker, whenever it started, accepts the same tokens.
+- `RUNTIME_DIR/models.json` (the state) names the copy each model version is served from, the
+  unloaded models, the tokens' hash and whether the server is draining. It is replaced atomically
+  (write + rename) under a short lock; each worker checks its inode and mtime with one `stat` per
+  request and switches to a new state before answering.
+- A reload is a request in a queue (`RUNTIME_DIR/reloads.json`): SIGHUP in the master queues "every
+  model, and the tokens"; `POST /v2/repository/models/{m}/load|unload` in a worker queues that
+  model and waits for its ticket. The master starts one runner process (`python -m
+  service.reload RUNTIME_DIR`) when requests are pending and none runs; the runner takes every
+  pending request at once (20 SIGHUPs or 100 load calls cost one pass), copies the changed files,
+  validates the copies in a probe child (`service.probe`: load and warm up, as a worker would),
+  compares their signature with the served one, and only when all of that passes writes the new
+  state. A bad candidate is logged, counted in `bnserve_model_reloads_total`, and leaves every
+  worker on the last good model. The master itself only appends to a file and starts a process.
 
-Only the file system and a child process are used here: the master runs this without importing
+Only the file system and child processes are used here: the master runs this without importing
 onnxruntime.
 """
 
@@ -27,8 +35,10 @@ import fcntl
 import hashlib
 import logging
 import os
-from collections.abc import Iterator
-from dataclasses import replace
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,24 +51,48 @@ from service.repository import Repository, find_models
 log = logging.getLogger("bnserve.service")
 
 STATE_FILE = "models.json"
-_CHUNK = 1 << 20
+QUEUE_FILE = "reloads.json"
+CONFIG_FILE = "config.json"
+TOKENS_FILE = "tokens"
+_KEPT_JOBS = 64  # finished jobs remembered for the waiters (each names its ticket range)
 
 
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
+        while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
 
 
+def _write_atomic(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Replace `path` with `data` through a temporary file and a rename (a new inode)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    if mode is not None:
+        tmp.chmod(mode)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _flock(path: Path) -> Iterator[None]:
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 class ModelStore:
-    """The runtime directory: `store/<sha256>.onnx` copies, `models.json` state, a lock file."""
+    """The runtime directory: model copies, token copy, state, reload queue, service config."""
 
     def __init__(self, runtime_dir: str | Path) -> None:
         self.dir = Path(runtime_dir)
         self.store = self.dir / "store"
         self.state_path = self.dir / STATE_FILE
+        self.queue_path = self.dir / QUEUE_FILE
+        self.tokens_path = self.dir / TOKENS_FILE
 
     # -- state file -------------------------------------------------------------------------
 
@@ -67,19 +101,24 @@ class ModelStore:
 
     def write(self, state: dict[str, Any]) -> None:
         """Replace the state atomically (a new inode: workers notice it with one stat)."""
-        tmp = self.dir / f".{STATE_FILE}.{os.getpid()}.tmp"
-        tmp.write_bytes(orjson.dumps(state, option=orjson.OPT_INDENT_2))
-        os.replace(tmp, self.state_path)
+        _write_atomic(self.state_path, orjson.dumps(state, option=orjson.OPT_INDENT_2))
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """One reload at a time across the master and the workers."""
-        with (self.dir / "lock").open("a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+    def update(self, change: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        """Read, let `change` edit the state in place, and write it with the next generation
+        when `change` returns True; one short lock, so a reload and a drain never lose a write."""
+        with _flock(self.dir / "state.lock"):
+            state = self.read()
+            if change(state):
+                state["generation"] += 1
+                self.write(state)
+            return state
+
+    def set_draining(self) -> None:
+        def drain(state: dict[str, Any]) -> bool:
+            state["draining"] = True
+            return True
+
+        self.update(drain)
 
     # -- copies by content hash -------------------------------------------------------------
 
@@ -90,13 +129,26 @@ class ModelStore:
         sha = hashlib.sha256(data).hexdigest()
         target = self.store / f"{sha}.onnx"
         if not target.exists():
-            tmp = self.store / f".{sha}.{os.getpid()}.tmp"
-            tmp.write_bytes(data)
-            os.replace(tmp, target)
+            _write_atomic(target, data)
         return target, sha
 
-    def init(self, repository: Repository) -> dict[str, Any]:
-        """At start-up (master): copy every served file, write generation 0."""
+    def keep_tokens(self, tokens: tuple[bytes, ...]) -> str:
+        """Write the validated tokens where every worker reads them (owner-only); their hash."""
+        data = b"\n".join(tokens) + b"\n"
+        _write_atomic(self.tokens_path, data, mode=0o600)
+        return hashlib.sha256(data).hexdigest()
+
+    def read_tokens(self) -> tuple[bytes, ...]:
+        return tuple(line for line in self.tokens_path.read_bytes().splitlines() if line)
+
+    def init(
+        self,
+        repository: Repository,
+        config: ServiceConfig,
+        signatures: dict[str, dict[str, Any]] | None = None,
+        tokens: tuple[bytes, ...] | None = None,
+    ) -> dict[str, Any]:
+        """At start-up (master): copy every served file, write generation 0 and the config."""
         self.dir.mkdir(parents=True, exist_ok=True)
         models: dict[str, Any] = {}
         for name, versions in repository.items():
@@ -107,23 +159,104 @@ class ModelStore:
                     "path": str(copy),
                     "sha256": sha,
                     "source": str(path),
+                    "signature": (signatures or {}).get(name, {}).get(str(version)),
                 }
-        state = {"generation": 0, "draining": False, "models": models}
+        state = {
+            "generation": 0,
+            "draining": False,
+            "models": models,
+            "unloaded": {},
+            "tokens_sha256": self.keep_tokens(tokens) if tokens else None,
+        }
         self.write(state)
+        _write_atomic(self.dir / CONFIG_FILE, orjson.dumps(asdict(config)))
+        _write_atomic(self.queue_path, orjson.dumps({"next": 1, "pending": [], "jobs": []}))
         return state
 
-    def set_draining(self) -> None:
-        with self.locked():
-            state = self.read()
-            state["draining"] = True
-            state["generation"] += 1
-            self.write(state)
+    def config(self) -> ServiceConfig:
+        return ServiceConfig(**orjson.loads((self.dir / CONFIG_FILE).read_bytes()))
 
     def _forget_unused(self, state: dict[str, Any]) -> None:
-        used = {v["path"] for versions in state["models"].values() for v in versions.values()}
+        used = {
+            entry["path"]
+            for group in ("models", "unloaded")
+            for versions in state.get(group, {}).values()
+            for entry in versions.values()
+        }
         for copy in self.store.glob("*.onnx"):
             if str(copy) not in used:
                 copy.unlink(missing_ok=True)
+
+    # -- the reload queue -------------------------------------------------------------------
+
+    def _edit_queue(self, change: Callable[[dict[str, Any]], Any]) -> Any:
+        with _flock(self.dir / "queue.lock"):
+            queue = orjson.loads(self.queue_path.read_bytes())
+            result = change(queue)
+            _write_atomic(self.queue_path, orjson.dumps(queue))
+            return result
+
+    def submit(
+        self,
+        action: str,
+        names: list[str] | None,
+        allow_signature_change: bool = False,
+        tokens: bool = False,
+    ) -> int:
+        """Queue a reload ("load", names None = every served model) or an "unload"; the ticket."""
+
+        def add(queue: dict[str, Any]) -> int:
+            ticket = queue["next"]
+            queue["next"] += 1
+            queue["pending"].append(
+                {
+                    "ticket": ticket,
+                    "action": action,
+                    "names": names,
+                    "allow": allow_signature_change,
+                    "tokens": tokens,
+                }
+            )
+            return ticket
+
+        return self._edit_queue(add)
+
+    def has_pending(self) -> bool:
+        try:
+            return bool(orjson.loads(self.queue_path.read_bytes())["pending"])
+        except (OSError, ValueError, KeyError):
+            return False
+
+    def _take_pending(self) -> list[dict[str, Any]]:
+        def take(queue: dict[str, Any]) -> list[dict[str, Any]]:
+            pending, queue["pending"] = queue["pending"], []
+            return pending
+
+        return self._edit_queue(take)
+
+    def _finish(self, tickets: list[int], results: dict[str, Any]) -> None:
+        def record(queue: dict[str, Any]) -> None:
+            queue["jobs"] = [*queue["jobs"], {"tickets": tickets, "results": results}][-_KEPT_JOBS:]
+
+        self._edit_queue(record)
+
+    def result(self, ticket: int) -> dict[str, Any] | None:
+        """The results of the job that served `ticket`, or None while it is pending."""
+        queue = orjson.loads(self.queue_path.read_bytes())
+        for job in reversed(queue["jobs"]):
+            if ticket in job["tickets"]:
+                return job["results"]
+        return None
+
+    def wait(self, ticket: int, timeout: float, poll: float = 0.05) -> dict[str, Any] | None:
+        """Wait for `ticket`'s results (time.sleep: cooperative under gevent workers)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            results = self.result(ticket)
+            if results is not None:
+                return results
+            time.sleep(poll)
+        return None
 
 
 def repository_of(state: dict[str, Any]) -> Repository:
@@ -145,89 +278,229 @@ class ReloadError(BnserveError):
     http_status = 400
 
 
-def reload_models(
-    store: ModelStore, config: ServiceConfig, names: list[str] | None = None
-) -> dict[str, dict[str, Any]]:
-    """Re-read the models named (all when None) from where they were served from.
+def signature_diff(old: dict[str, Any] | None, new: dict[str, Any] | None) -> list[str]:
+    """Readable differences between two model signatures (runtime.ModelRuntime.signature)."""
+    if not old or not new:
+        return []
+    changes = []
+    for key in ("input", "datatype", "n_features", "feature_names", "outputs", "labels"):
+        before, after = old.get(key), new.get(key)
+        if before != after:
+            changes.append(f"{key}: {_short(before)} -> {_short(after)}")
+    return changes
 
-    Returns {model: {"result": "ok"|"unchanged"|"failed", "error"?: ..., "versions": {...}}}.
-    Never raises for a bad candidate: the result says so, the state keeps the last good model.
-    """
+
+def _short(value: Any) -> str:
+    if isinstance(value, list) and len(value) > 6:
+        return f"[{', '.join(map(repr, value[:5]))}, ... ({len(value)} in all)]"
+    return repr(value)
+
+
+# -- the runner ---------------------------------------------------------------------------------
+
+
+def run_pending(store: ModelStore, config: ServiceConfig) -> int:
+    """Serve every queued request, in passes, until none is left; the number of passes."""
+    passes = 0
+    with _flock(store.dir / "reload.lock"):  # one runner at a time, whoever started it
+        while True:
+            pending = store._take_pending()
+            if not pending:
+                return passes
+            passes += 1
+            tickets = [p["ticket"] for p in pending]
+            try:
+                results = _run_job(store, config, pending)
+            except Exception as exc:  # answer the waiters whatever happened
+                log.exception("reload failed")
+                results = {"*": {"result": "failed", "error": f"{type(exc).__name__}: {exc}"}}
+            store._finish(tickets, results)
+
+
+def _merge(pending: list[dict[str, Any]], served: list[str]) -> tuple[dict[str, tuple], bool]:
+    """{name: (action, allow)} with the last action per name winning, and whether any request
+    asked for the tokens; `allow` is true when any coalesced load of that name allowed it."""
+    actions: dict[str, tuple[str, bool]] = {}
+    tokens = False
+    for request in pending:
+        tokens |= bool(request["tokens"])
+        for name in request["names"] if request["names"] is not None else served:
+            previous = actions.get(name)
+            allow = bool(request["allow"])
+            if previous is not None and previous[0] == request["action"] == "load":
+                allow |= previous[1]
+            actions[name] = (request["action"], allow)
+    return actions, tokens
+
+
+def _run_job(
+    store: ModelStore, config: ServiceConfig, pending: list[dict[str, Any]]
+) -> dict[str, Any]:
     from service.metrics import get_metrics
-    from service.probe import probe_models
 
     metrics = get_metrics()
-    results: dict[str, dict[str, Any]] = {}
-    with store.locked():
-        state = store.read()
-        wanted = list(state["models"]) if names is None else names
+    state = store.read()
+    actions, want_tokens = _merge(pending, list(state["models"]))
+    results: dict[str, Any] = {}
+    changes: dict[str, tuple[str, dict[str, Any] | None]] = {}
+    tokens_sha = _reload_tokens(store, config, results) if want_tokens else None
+    found: Repository = {}
+    scan_error = None
+    if any(action == "load" for action, _ in actions.values()):
         try:
-            found = find_models(config.model, config.model_name)
-            scan_error = None
+            found, scan_error = find_models(config.model, config.model_name), None
         except BnserveError as exc:
             found, scan_error = {}, str(exc)
-        changed = False
-        for name in wanted:
-            current = state["models"][name]
-            try:
-                if scan_error is not None:
-                    raise ReloadError(scan_error)
-                if name not in found:
-                    raise ReloadError(f"model {name!r} is no longer in {config.model}")
-                entries: dict[str, Any] = {}
-                candidates: dict[int, Path] = {}
-                sources: dict[str, str] = {}
-                for version, source in found[name].items():
-                    try:
-                        copy, sha = store.keep(source)
-                    except OSError as exc:
-                        raise ReloadError(f"{source}: cannot read it: {exc}") from None
-                    entries[str(version)] = {
-                        "path": str(copy),
-                        "sha256": sha,
-                        "source": str(source),
-                    }
-                    old = current.get(str(version))
-                    if old is None or old["sha256"] != sha:
-                        candidates[version] = copy
-                        sources[str(copy)] = str(source)
-                if not candidates and set(entries) == set(current):
-                    results[name] = {"result": "unchanged", "versions": _hashes(current)}
-                    metrics.model_reloads.labels(name, "unchanged").inc()
-                    continue
-                if candidates:
-                    probe_config = replace(config, model_name=None)
-                    try:
-                        probe_models(probe_config, {name: candidates})
-                    except BnserveError as exc:
-                        message = str(exc)
-                        for copy_path, source in sources.items():
-                            message = message.replace(copy_path, source)
-                        raise ReloadError(message) from None
-            except ReloadError as exc:
-                log.error("reload of model %s failed, keeping the last good model: %s", name, exc)
-                metrics.model_reloads.labels(name, "failed").inc()
-                results[name] = {
-                    "result": "failed",
-                    "error": str(exc),
-                    "versions": _hashes(current),
-                }
-                continue
-            state["models"][name] = entries
-            changed = True
-            metrics.model_reloads.labels(name, "ok").inc()
-            log.info(
-                "reloaded model %s: %s",
-                name,
-                ", ".join(f"v{v} {e['sha256'][:12]}" for v, e in entries.items()),
-            )
-            results[name] = {"result": "ok", "versions": _hashes(entries)}
-        if changed:
-            state["generation"] += 1
-            store.write(state)
-        store._forget_unused(state)
+    for name, (action, allow) in actions.items():
+        if action == "unload":
+            if name in state["models"]:
+                changes[name] = ("unload", None)
+                log.info("unloaded model %s", name)
+                results[name] = {"result": "unloaded", "versions": _hashes(state["models"][name])}
+            elif name in state["unloaded"]:
+                results[name] = {"result": "unchanged", "versions": {}}
+            else:
+                results[name] = {"result": "failed", "error": f"unknown model {name!r}"}
+            continue
+        current = state["models"].get(name) or state["unloaded"].get(name) or {}
+        try:
+            if scan_error is not None:
+                raise ReloadError(scan_error)
+            entries = _load_candidate(store, config, name, found, current, allow)
+        except ReloadError as exc:
+            log.error("reload of model %s failed, keeping the last good model: %s", name, exc)
+            metrics.model_reloads.labels(name, "failed").inc()
+            results[name] = {"result": "failed", "error": str(exc), "versions": _hashes(current)}
+            continue
+        if entries is None and name in state["models"]:
+            metrics.model_reloads.labels(name, "unchanged").inc()
+            results[name] = {"result": "unchanged", "versions": _hashes(current)}
+            continue
+        entries = entries or current
+        changes[name] = ("load", entries)
+        metrics.model_reloads.labels(name, "ok").inc()
+        log.info(
+            "reloaded model %s: %s",
+            name,
+            ", ".join(f"v{v} {e['sha256'][:12]}" for v, e in entries.items()),
+        )
+        results[name] = {"result": "ok", "versions": _hashes(entries)}
+
+    def apply(state: dict[str, Any]) -> bool:
+        for name, (action, entries) in changes.items():
+            if action == "unload":
+                state["unloaded"][name] = state["models"].pop(name, None) or {}
+            else:
+                state["unloaded"].pop(name, None)
+                state["models"][name] = entries
+        if tokens_sha is not None and tokens_sha != state.get("tokens_sha256"):
+            state["tokens_sha256"] = tokens_sha
+            return True
+        return bool(changes)
+
+    store._forget_unused(store.update(apply))
     return results
+
+
+def _reload_tokens(store: ModelStore, config: ServiceConfig, results: dict[str, Any]) -> str | None:
+    """Re-read --token-file; a bad file keeps the last good tokens (logged), never opens up."""
+    if not config.token_file:
+        return None
+    from service.auth import read_tokens
+
+    try:
+        tokens = read_tokens(config.token_file)
+    except BnserveError as exc:
+        log.error("token file not reloaded, the last good tokens stay in force: %s", exc)
+        results["tokens"] = {"result": "failed", "error": str(exc)}
+        return None
+    results["tokens"] = {"result": "ok"}
+    return store.keep_tokens(tokens)
+
+
+def _load_candidate(
+    store: ModelStore,
+    config: ServiceConfig,
+    name: str,
+    found: Repository,
+    current: dict[str, Any],
+    allow: bool,
+) -> dict[str, Any] | None:
+    """The new state entries of model `name`, None when nothing changed; raises ReloadError."""
+    from service.probe import probe_models
+
+    if name not in found:
+        raise ReloadError(f"model {name!r} is not in {config.model}")
+    entries: dict[str, Any] = {}
+    candidates: dict[int, Path] = {}
+    sources: dict[str, str] = {}
+    for version, source in found[name].items():
+        try:
+            copy, sha = store.keep(source)
+        except OSError as exc:
+            raise ReloadError(f"{source}: cannot read it: {exc}") from None
+        old = current.get(str(version))
+        entries[str(version)] = {
+            "path": str(copy),
+            "sha256": sha,
+            "source": str(source),
+            "signature": old["signature"] if old is not None else None,
+        }
+        if old is None or old["sha256"] != sha:
+            candidates[version] = copy
+            sources[str(copy)] = str(source)
+    if not candidates and set(entries) == set(current):
+        return None
+    if candidates:
+        try:
+            probed = probe_models(replace(config, model_name=None), {name: candidates})
+        except BnserveError as exc:
+            message = str(exc)
+            for copy_path, source in sources.items():
+                message = message.replace(copy_path, source)
+            raise ReloadError(message) from None
+        for version, details in probed["models"][name].items():
+            new = details.get("signature")
+            old = _served_signature(current, version)
+            diff = signature_diff(old, new)
+            if diff and not allow:
+                raise ReloadError(
+                    f"version {version} changes what clients send or receive ({'; '.join(diff)}); "
+                    "existing clients would break. Serve it anyway with --allow-signature-change "
+                    '(SIGHUP) or {"parameters": {"allow_signature_change": true}} in the load '
+                    "request"
+                )
+            if diff:
+                log.warning("model %s version %s: signature changed: %s", name, version, diff)
+            entries[version]["signature"] = new
+    return entries
+
+
+def _served_signature(current: dict[str, Any], version: str) -> dict[str, Any] | None:
+    """The signature a client of `version` relies on: that version's, else the default's (the
+    highest version, which unversioned requests reach)."""
+    if version in current:
+        return current[version].get("signature")
+    if not current:
+        return None
+    return current[max(current, key=int)].get("signature")
 
 
 def _hashes(versions: dict[str, Any]) -> dict[str, str]:
     return {v: e["sha256"] for v, e in versions.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m service.reload RUNTIME_DIR`: the runner the gunicorn master starts."""
+    from service.cli import configure_logging
+
+    args = sys.argv[1:] if argv is None else argv
+    store = ModelStore(args[0])
+    config = store.config()
+    configure_logging(config.log_level)
+    run_pending(store, config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

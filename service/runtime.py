@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -145,6 +146,19 @@ class ModelRuntime:
     def label_keys(self) -> list[str]:
         """Labels as JSON object keys (computed once, used on every simple-API answer)."""
         return [str(label) for label in self.labels]
+
+    def signature(self) -> dict[str, Any]:
+        """What clients depend on: input name, dtype and width, feature names, outputs, labels.
+        A reload that changes any of it breaks existing clients (service/reload.py compares)."""
+        info = self.info
+        return {
+            "input": info.input.name,
+            "datatype": str(np.dtype(info.input.dtype)),
+            "n_features": info.n_features,
+            "feature_names": list(info.feature_names) if info.feature_names else None,
+            "outputs": [o.name for o in info.outputs],
+            "labels": [str(label) for label in self.labels],
+        }
 
     @cached_property
     def feature_index(self) -> dict[str, int]:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from flask import Blueprint, Response, current_app, request
 
-from service.body import dumps, json_type, parse_json_object, read_body
+from service.body import JsonBudget, dumps, json_type, parse_json_object, read_body
 from service.errors import BadRequestError, PayloadTooLargeError
 from service.registry import ModelRegistry
 from service.runtime import ModelRuntime
@@ -182,7 +182,8 @@ def predict_body(
     Shared by the Flask route and the gateway's fast path (service/gateway.py).
     """
     runtime = registry.get(name, version)
-    body = parse_json_object(read_body(environ, max_body_bytes), EXAMPLE)
+    budget = JsonBudget.for_rows(max_batch, runtime.info.n_features)
+    body = parse_json_object(read_body(environ, max_body_bytes), EXAMPLE, budget)
     x, batched, top_k = parse_predict_request(body, runtime, max_batch)
     answers = predictions(runtime, runtime.probabilities(x), top_k)
     return dumps({"predictions": answers} if batched else answers[0])

@@ -13,15 +13,23 @@ from typing import Any
 from flask import Blueprint, Response, current_app, request
 
 import bnserve
-from service.body import dumps, json_type, parse_json_object, read_body
-from service.errors import BadRequestError
+from service.body import JsonBudget, dumps, json_type, parse_json_object, read_body
+from service.errors import BadRequestError, ForbiddenError, GatewayTimeoutError
 from service.registry import ModelRegistry, ModelVersions
+from service.repository import find_models
 from service.runtime import ModelRuntime
-from service.v2_tensors import classify, datatype_of, decode_input, encode_output
+from service.v2_tensors import (
+    check_parameters,
+    classify,
+    datatype_of,
+    decode_input,
+    encode_output,
+)
 
 PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
+
 EXAMPLE = '{"inputs": [{"name": "input", "shape": [1, F], "datatype": "FP32", "data": [...]}]}'
 
 
@@ -89,7 +97,8 @@ def infer(
 ) -> tuple[bytes, dict[str, str]]:
     """Run one infer request; returns the response body and its extra headers."""
     header_bytes, binary = split_body(body, header_length)
-    header = parse_json_object(header_bytes, EXAMPLE)
+    budget = JsonBudget.for_rows(max_batch, runtime.info.n_features)
+    header = parse_json_object(header_bytes, EXAMPLE, budget)
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1:
         got = len(inputs) if isinstance(inputs, list) else "no array of"
@@ -137,9 +146,7 @@ def _requested_outputs(
     header: dict[str, Any], runtime: ModelRuntime
 ) -> list[tuple[str, bool, int | None]]:
     """(name, binary, classification k) per output to return; all outputs when none are named."""
-    parameters = header.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise BadRequestError("'parameters' must be a JSON object")
+    parameters = check_parameters(header.get("parameters"), "'parameters'")
     default_binary = parameters.get("binary_data_output", False)
     if type(default_binary) is not bool:
         raise BadRequestError("parameter 'binary_data_output' must be true or false")
@@ -149,14 +156,21 @@ def _requested_outputs(
         return [(name, default_binary, None) for name in available]
     if not isinstance(outputs, list):
         raise BadRequestError("'outputs' must be an array of {\"name\": ...} objects")
+    if len(outputs) > len(available):
+        raise BadRequestError(
+            f"'outputs' lists {len(outputs)} outputs; the model has {len(available)} "
+            f"({', '.join(available)}), each may be requested once"
+        )
     requested = []
+    seen: set[str] = set()
     for output in outputs:
         name = output.get("name") if isinstance(output, dict) else None
         if name not in available:
             raise BadRequestError(f"unknown output {name!r}: the model's outputs are {available}")
-        params = output.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise BadRequestError(f"output {name!r}: 'parameters' must be a JSON object")
+        if name in seen:
+            raise BadRequestError(f"output {name!r} is requested twice; request each output once")
+        seen.add(name)
+        params = check_parameters(output.get("parameters"), f"output {name!r}: 'parameters'")
         binary = params.get("binary_data", default_binary)
         if type(binary) is not bool:
             raise BadRequestError(f"output {name!r}: 'binary_data' must be true or false")
@@ -222,7 +236,11 @@ def create_blueprint() -> Blueprint:
 
     @bp.route("/repository/models/<name>/load", methods=["POST"])
     def repository_load(name: str) -> Response:
-        return _json(load_model(name))
+        return _json(control_model("load", name))
+
+    @bp.route("/repository/models/<name>/unload", methods=["POST"])
+    def repository_unload(name: str) -> Response:
+        return _json(control_model("unload", name))
 
     return bp
 
@@ -239,24 +257,62 @@ def repository_index_document(registry: ModelRegistry) -> list[dict[str, Any]]:
                 entry["state"] = "UNAVAILABLE"
                 entry["reason"] = model.errors.get(version, "not loaded")
             entries.append(entry)
+    for name in sorted(registry.unloaded):
+        entries.append({"name": name, "state": "UNAVAILABLE", "reason": "unloaded"})
     return entries
 
 
-def load_model(name: str) -> dict[str, Any]:
-    """`POST /v2/repository/models/{name}/load`: validate and switch every worker (reload.py)."""
-    from service.reload import ReloadError, reload_models
+# The load request's own parameter; Triton's `config` and `file:` overrides are not supported,
+# and tritonclient's unload sends `unload_dependents` (there are no dependents here).
+_CONTROL_PARAMETERS = {"load": {"allow_signature_change"}, "unload": {"unload_dependents"}}
 
+
+def control_model(action: str, name: str) -> dict[str, Any]:
+    """`POST /v2/repository/models/{name}/load|unload`: queue it for the reload runner (the
+    gunicorn master starts it), wait for the result, switch this worker at once (the others
+    before their next request)."""
+    from service.reload import ReloadError
+
+    config = current_app.extensions["bnserve.config"]
+    if config.model_control != "explicit":
+        raise ForbiddenError(
+            f"model control is {config.model_control!r}: this server does not {action} models "
+            "on request. Start it with --model-control explicit (BNSERVE_MODEL_CONTROL=explicit) "
+            "to use this route; SIGHUP to the server reloads the served models"
+        )
     registry: ModelRegistry = current_app.extensions["bnserve.registry"]
-    registry.model(name)  # 404 for an unknown model
     store = current_app.extensions.get("bnserve.store")
     if store is None:
-        raise BadRequestError("hot reload needs the model store that `bnserve serve` sets up")
-    config = current_app.extensions["bnserve.config"]
-    result = reload_models(store, config, [name])[name]
+        raise BadRequestError(f"{action} needs the model store that `bnserve serve` sets up")
+    body = read_body(request.environ, config.max_body_bytes)
+    document = parse_json_object(body, '{"parameters": {...}}') if body.strip() else {}
+    parameters = check_parameters(document.get("parameters"), "'parameters'")
+    unknown = set(parameters) - _CONTROL_PARAMETERS[action]
+    if unknown:
+        raise BadRequestError(
+            f"unsupported {action} parameter(s) {', '.join(sorted(unknown))} "
+            f"(supported: {', '.join(sorted(_CONTROL_PARAMETERS[action]))})"
+        )
+    allow = parameters.get("allow_signature_change", False)
+    if type(allow) is not bool:
+        raise BadRequestError("parameter 'allow_signature_change' must be true or false")
+    known = name in registry.models or name in registry.unloaded
+    if not known and (
+        action == "unload" or name not in find_models(config.model, config.model_name)
+    ):
+        registry.model(name)  # 404 naming the served models
+    ticket = store.submit(action, [name], allow or config.allow_signature_change)
+    results = store.wait(ticket, timeout=max(1.0, config.timeout * 0.8))
+    if results is None:
+        raise GatewayTimeoutError(
+            f"the {action} of model {name!r} is still running; its result is logged and "
+            "reaches every worker when it passes"
+        )
+    result = results.get(name) or results.get("*") or {"result": "failed", "error": "no result"}
     # this worker switches now; the others before their next request (one stat each)
     registry.apply_state(store.read(), config.device, config.intra_op_threads, config.output_kind)
     if result["result"] == "failed":
         raise ReloadError(
-            f"model {name!r} not reloaded, still serving the last good version: {result['error']}"
+            f"model {name!r} not {action}ed, still serving the last good version: {result['error']}"
         )
-    return {"name": name, "result": result["result"], "versions": result["versions"]}
+    return {"name": name, "result": result["result"], "versions": result.get("versions", {})}

@@ -34,6 +34,9 @@ NUMERIC_DATATYPES: dict[str, np.dtype] = {
 _NUMPY_TO_DATATYPE = {dtype.newbyteorder("="): name for name, dtype in NUMERIC_DATATYPES.items()}
 _NUMPY_TO_DATATYPE[np.dtype(np.bool_)] = "BOOL"  # an output only (one byte per element)
 _SUPPORTED = ", ".join(NUMERIC_DATATYPES)
+# Most keys in one `parameters` object: every repeated or open-ended field of a request is
+# bounded, so no request makes a worker do (or allocate) more than its rows ask for.
+MAX_PARAMETERS = 32
 
 
 def datatype_of(dtype: np.dtype) -> str:
@@ -65,9 +68,7 @@ def decode_input(
         raise BadRequestError(f"{where}: datatype {datatype!r} is not supported; use {_SUPPORTED}")
     shape = _check_shape(tensor.get("shape"), where, n_features, max_batch)
     count = shape[0] * shape[1]
-    parameters = tensor.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise BadRequestError(f"{where}: 'parameters' must be a JSON object")
+    parameters = check_parameters(tensor.get("parameters"), f"{where}: 'parameters'")
     size = parameters.get("binary_data_size")
     if size is not None:
         values = _from_binary(size, binary, source_dtype, count, where)
@@ -85,6 +86,17 @@ def decode_input(
             f"model's {np.dtype(dtype)} input range"
         )
     return x
+
+
+def check_parameters(value: Any, where: str) -> dict[str, Any]:
+    """A `parameters` object (absent = empty) of at most MAX_PARAMETERS keys."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequestError(f"{where} must be a JSON object")
+    if len(value) > MAX_PARAMETERS:
+        raise BadRequestError(f"{where} has {len(value)} keys, at most {MAX_PARAMETERS} allowed")
+    return value
 
 
 def _check_shape(shape: Any, where: str, n_features: int, max_batch: int) -> tuple[int, int]:

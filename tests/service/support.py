@@ -144,8 +144,17 @@ class LiveServer:
         return self.log_path.read_text(errors="replace")
 
     def worker_pids(self) -> list[int]:
+        """The gunicorn workers: the master's children, less a reload runner at work."""
         children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        return [int(p) for p in children.read_text().split()]
+        pids = []
+        for pid in children.read_text().split():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:  # exited meanwhile
+                continue
+            if b"service.reload" not in cmdline:
+                pids.append(int(pid))
+        return pids
 
 
 def start_server(args: list[str], log_path: Path, env_extra: dict[str, str]) -> LiveServer:

@@ -148,7 +148,7 @@ def test_reload_good_then_truncated_file_in_every_worker(tmp_path: Path) -> None
     path = build_mlp_classifier(models / "m.onnx", seed=0)
     second = build_mlp_classifier(tmp_path / "second.onnx", seed=7)
     third = build_mlp_classifier(tmp_path / "third.onnx", seed=11)
-    server = _serve(path, tmp_path)
+    server = _serve(path, tmp_path, "--model-control", "explicit")
     try:
         assert _answers_like(server, path, 4)
         with Load(server.url, threads=2) as load:

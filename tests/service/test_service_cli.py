@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from bnserve import up
 from bnserve.cli import main
 from bnserve.errors import UsageError
 from service.cli import config_from_args, predict_main
+from service.config import cgroup_cpu_limit, default_workers
 from service.gunicorn_conf import gunicorn_settings
 from tests.service.support import FEATURE_NAMES, LABELS, build_mlp_classifier, reference_run
 
@@ -27,6 +29,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
         "PORT",
         "HOST",
         "LOG_LEVEL",
+        "WORKER_CLASS",
+        "MODEL_CONTROL",
     ):
         monkeypatch.delenv(f"BNSERVE_{name}", raising=False)
     return monkeypatch
@@ -76,13 +80,42 @@ def test_bad_environment_values_name_the_variable(
 def test_gunicorn_settings(clean_env: pytest.MonkeyPatch) -> None:
     settings = gunicorn_settings(config_from_args(["m.onnx", "--workers", "2", "--host", "::1"]))
     assert settings["bind"] == ["[::1]:8000"]
-    assert (settings["workers"], settings["worker_class"]) == (2, "sync")
+    assert (settings["workers"], settings["worker_class"]) == (2, "gevent")
+    assert (settings["keepalive"], settings["worker_connections"]) == (5, 1000)
     assert settings["preload_app"] is False
     assert settings["control_socket_disable"] is True
     assert (
         gunicorn_settings(config_from_args(["m.onnx", "--threads", "4"]))["worker_class"]
         == "gthread"
     )
+    settings = gunicorn_settings(
+        config_from_args(["m.onnx", "--worker-class", "sync", "--keep-alive", "2"])
+    )
+    assert (settings["worker_class"], settings["keepalive"]) == ("sync", 2)
+    with pytest.raises(UsageError, match="--threads 4 needs --worker-class gthread"):
+        config_from_args(["m.onnx", "--threads", "4", "--worker-class", "gevent"])
+    clean_env.setenv("BNSERVE_WORKER_CLASS", "sync")
+    clean_env.setenv("BNSERVE_MODEL_CONTROL", "explicit")
+    config = config_from_args(["m.onnx"])
+    assert (config.worker_class, config.model_control) == ("sync", "explicit")
+
+
+def test_default_workers_honour_the_cgroup_cpu_quota(tmp_path: Path) -> None:
+    cpu_max = tmp_path / "cpu.max"
+    missing = tmp_path / "missing"
+    cpu_max.write_text("200000 100000\n")  # docker run --cpus 2
+    assert cgroup_cpu_limit(cpu_max, missing, missing) == 2.0
+    cpu_max.write_text("150000 100000\n")
+    assert cgroup_cpu_limit(cpu_max, missing, missing) == 1.5
+    cpu_max.write_text("max 100000\n")
+    assert cgroup_cpu_limit(cpu_max, missing, missing) is None
+    quota, period = tmp_path / "quota", tmp_path / "period"
+    quota.write_text("300000\n")
+    period.write_text("100000\n")
+    assert cgroup_cpu_limit(missing, quota, period) == 3.0  # cgroup v1
+    quota.write_text("-1\n")
+    assert cgroup_cpu_limit(missing, quota, period) is None
+    assert 1 <= default_workers() <= len(os.sched_getaffinity(0))
 
 
 @pytest.fixture
