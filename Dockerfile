@@ -59,6 +59,7 @@ ENV PATH="/opt/venv/bin:${PATH}" \
     BNSERVE_HOST=0.0.0.0 \
     BNSERVE_PORT=8000 \
     BNSERVE_DEVICE=cpu \
+    BNSERVE_WORKER_CLASS=gevent \
     BNSERVE_LOG_LEVEL=info \
     BNSERVE_METRICS_DIR=/tmp/bnserve-metrics
 COPY --from=venv /opt/venv /opt/venv

@@ -79,10 +79,21 @@ def when_ready(server: Any) -> None:
 
 
 def post_fork(server: Any, worker: Any) -> None:
-    """In each worker: gunicorn's own answers (a malformed request line, header or chunk, which
-    gunicorn refuses before the app sees it) become JSON `{"error": ...}` instead of HTML."""
+    """In each worker, before it boots:
+
+    - stop/quit signals take their default action until the worker installs its own handlers:
+      the child inherits the master's handlers, which only queue the signal for the master's
+      loop, so a SIGTERM that arrives while the worker boots (gevent's monkey patch, loading the
+      models) would be lost and the stop would wait for the graceful timeout, then SIGKILL;
+    - gunicorn's own answers (a malformed request line, header or chunk, which gunicorn refuses
+      before the app sees it) become JSON `{"error": ...}` instead of HTML.
+    """
+    import signal
+
     from gunicorn import util
 
+    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        signal.signal(number, signal.SIG_DFL)
     util.write_error = write_json_error
 
 

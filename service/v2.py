@@ -37,7 +37,9 @@ def server_metadata() -> dict[str, Any]:
     return {"name": "bnserve", "version": bnserve.__version__, "extensions": EXTENSIONS}
 
 
-def model_metadata(model: ModelVersions, runtime: ModelRuntime) -> dict[str, Any]:
+def model_metadata(
+    model: ModelVersions, runtime: ModelRuntime, sha256: str | None = None
+) -> dict[str, Any]:
     """The protocol's model metadata, plus what a client of a classifier wants to know."""
     info = runtime.info
     batch = info.fixed_batch  # any batch is served (service/runtime.py runs it in chunks)
@@ -58,6 +60,7 @@ def model_metadata(model: ModelVersions, runtime: ModelRuntime) -> dict[str, Any
         "score_output": info.score_output,
         "output_kind": info.output_kind,
         "default_version": str(model.default),
+        "sha256": sha256,  # the served file's content hash: it changes with every reload
         **info.reports(),
     }
     return {
@@ -211,7 +214,9 @@ def create_blueprint() -> Blueprint:
     @bp.route("/models/<name>/versions/<version>", methods=["GET"])
     def model(name: str, version: str | None = None) -> Response:
         registry = _registry()
-        return _json(model_metadata(registry.model(name), registry.get(name, version)))
+        runtime = registry.get(name, version)
+        sha = registry.hashes.get((name, runtime.version))
+        return _json(model_metadata(registry.model(name), runtime, sha))
 
     @bp.route("/models/<name>/ready", methods=["GET"])
     @bp.route("/models/<name>/versions/<version>/ready", methods=["GET"])

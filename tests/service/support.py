@@ -3,6 +3,7 @@ starting / stopping a real `bnserve serve` process."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -120,6 +121,10 @@ def reference_run(path: Path, x: np.ndarray, output: str | None = None) -> np.nd
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = output or session.get_outputs()[0].name
     return session.run([name], {session.get_inputs()[0].name: x.astype(np.float32)})[0]
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def free_port() -> int:
