@@ -37,3 +37,25 @@ def predict():
     return jsonify(
         {"class_index": int(probabilities.argmax()), "probabilities": probabilities.tolist()}
     )
+
+
+@app.post("/v2/models/<name>/infer")
+def infer(name: str):
+    """The Open Inference Protocol's JSON infer, as a naive Flask app would write it."""
+    sess = session()
+    tensor = request.get_json(force=True)["inputs"][0]
+    x = np.asarray(tensor["data"], dtype=np.float32).reshape(tensor["shape"])
+    output = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    return jsonify(
+        {
+            "model_name": name,
+            "outputs": [
+                {
+                    "name": sess.get_outputs()[0].name,
+                    "shape": list(output.shape),
+                    "datatype": "FP32",
+                    "data": output.ravel().tolist(),
+                }
+            ],
+        }
+    )

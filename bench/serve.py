@@ -1,20 +1,24 @@
-"""Serving benchmark: `bnserve serve` (metrics, request ids, JSON access log on) against the usual
-minimal Flask `/predict` app (bench/flask_baseline.py), both under gunicorn with 2 sync workers
-and one single-threaded onnxruntime session per worker, on a folded 64-256-256-10 MLP.
+"""Serving benchmark: `bnserve serve` with its defaults (gevent workers; metrics, request ids and
+JSON access log on) against the usual minimal Flask app (bench/flask_baseline.py: `/predict` and a
+naive V2 infer) under `gunicorn -k sync -w 2`, both with one single-threaded onnxruntime session
+per worker, on a folded 64-256-256-10 MLP.
 
-Each round loads each server at 1 and 8 concurrent connections with `wrk` (a Lua script POSTs one
-example) or, without wrk, a bounded Python client; only 127.0.0.1 is contacted. Printed per
-server and concurrency: req/s, p50/p99 latency and server CPU milliseconds per request (master +
-workers, from /proc), the medians over the rounds, and the product's ratios to the baseline,
-measured in the same run (the machine is shared: compare ratios, not absolute figures).
+Each round loads both servers with `wrk -t1` at 1, 8 and 64 connections, for `POST /predict` and
+`POST /v2/models/mlp/infer`, with keep-alive connections and with a new connection per request
+(`Connection: close`); only 127.0.0.1 is contacted. Printed: req/s and p50/p99 per cell, the
+medians over the rounds and bnserve's ratios to the baseline measured in the same run (the
+machine is shared: compare ratios, not absolute figures). Then the slow-client test: 50
+connections that send their headers one line every 5 s, against the baseline, bnserve's default
+and bnserve with `--worker-class sync`, while a normal client POSTs /predict every 100 ms.
 
-    python bench/serve.py            # 3 rounds of 10 s
-    python bench/serve.py --quick    # 3 rounds of 3 s
+    python bench/serve.py            # 3 rounds of 5 s per cell, then 20 s of slow clients
+    python bench/serve.py --quick    # 2 rounds of 2 s
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import itertools
 import json
@@ -121,13 +125,16 @@ class Server:
 
 
 BODY = b""
+INFER_BODY = b""
 
 
-def post(port: int, body: bytes) -> tuple[int, float]:
+def post(
+    port: int, body: bytes, path: str = "/predict", timeout: float = 10.0
+) -> tuple[int, float]:
     start = time.perf_counter()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn.request("POST", "/predict", body, {"Content-Type": "application/json"})
+        conn.request("POST", path, body, {"Content-Type": "application/json"})
         response = conn.getresponse()
         response.read()
         return response.status, time.perf_counter() - start
@@ -135,7 +142,9 @@ def post(port: int, body: bytes) -> tuple[int, float]:
         conn.close()
 
 
-def load_wrk(port: int, connections: int, seconds: float, script: Path) -> dict:
+def load_wrk(
+    port: int, connections: int, seconds: float, script: Path, path: str = "/predict"
+) -> dict:
     out = subprocess.run(
         [
             "wrk",
@@ -145,7 +154,7 @@ def load_wrk(port: int, connections: int, seconds: float, script: Path) -> dict:
             "--latency",
             "-s",
             str(script),
-            f"http://127.0.0.1:{port}/predict",
+            f"http://127.0.0.1:{port}{path}",
         ],
         capture_output=True,
         text=True,
@@ -175,55 +184,12 @@ def _ms(text: str) -> float:
     return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[unit]
 
 
-def load_python(port: int, connections: int, seconds: float) -> dict:
-    """Bounded fallback client: `connections` threads, each one request at a time."""
-    latencies: list[float] = []
-    errors = [0]
-    deadline = time.monotonic() + seconds
-    lock = threading.Lock()
-
-    def worker() -> None:
-        mine, bad = [], 0
-        for _ in range(1_000_000):
-            if time.monotonic() >= deadline:
-                break
-            try:
-                status, elapsed = post(port, BODY)
-            except OSError:
-                bad += 1
-                continue
-            if status != 200:
-                bad += 1
-            mine.append(elapsed)
-        with lock:
-            latencies.extend(mine)
-            errors[0] += bad
-
-    start = time.monotonic()
-    threads = [threading.Thread(target=worker) for _ in range(connections)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.monotonic() - start
-    latencies.sort()
-    return {
-        "requests": len(latencies),
-        "rps": len(latencies) / wall,
-        "p50_ms": 1e3 * latencies[len(latencies) // 2],
-        "p99_ms": 1e3 * latencies[int(len(latencies) * 0.99)],
-        "errors": errors[0],
-    }
-
-
-def measure(server: Server, connections: int, seconds: float, script: Path | None) -> dict:
+def measure_route(
+    server: Server, path: str, connections: int, seconds: float, script: Path
+) -> dict:
     cpu0 = server.cpu_seconds()
-    if script is not None:
-        result = load_wrk(server.port, connections, seconds, script)
-    else:
-        result = load_python(server.port, connections, seconds)
-    cpu = server.cpu_seconds() - cpu0
-    result["cpu_ms"] = 1e3 * cpu / max(1, result["requests"])
+    result = load_wrk(server.port, connections, seconds, script, path)
+    result["cpu_ms"] = 1e3 * (server.cpu_seconds() - cpu0) / max(1, result["requests"])
     return result
 
 
@@ -236,130 +202,214 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} CPUs"
 
 
+ROUTES = {"/predict": "simple", "/v2/models/mlp/infer": "v2"}
+MODES = ("keep-alive", "new connection")
+
+
+def wrk_script(path: Path, body: bytes, close: bool) -> Path:
+    """A wrk Lua script POSTing `body`; `close` asks for a new connection per request."""
+    escaped = body.decode().replace('"', '\\"')
+    lines = [
+        'wrk.method = "POST"',
+        f'wrk.body = "{escaped}"',
+        'wrk.headers["Content-Type"] = "application/json"',
+    ]
+    if close:
+        lines.append('wrk.headers["Connection"] = "close"')
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def slowloris(port: int, connections: int, seconds: float) -> dict:
+    """`connections` clients send a request's headers one line every 5 s while a normal client
+    POSTs /predict every 100 ms with a 1 s timeout; how many of its requests are answered."""
+    socks = []
+    for _ in range(connections):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")
+        socks.append(sock)
+    stop = threading.Event()
+
+    def drip() -> None:
+        while not stop.wait(5.0):
+            for sock in socks:
+                with contextlib.suppress(OSError):  # closed by the server's deadline
+                    sock.sendall(b"X-Slow: 1\r\n")
+
+    dripper = threading.Thread(target=drip, daemon=True)
+    dripper.start()
+    answered, latencies, sent = 0, [], 0
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            sent += 1
+            try:
+                status, elapsed = post(port, BODY, timeout=1.0)
+                if status == 200:
+                    answered += 1
+                    latencies.append(elapsed)
+            except OSError:
+                pass
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        for sock in socks:
+            sock.close()
+    latencies.sort()
+    return {
+        "sent": sent,
+        "answered": answered,
+        "max_ms": 1e3 * latencies[-1] if latencies else None,
+    }
+
+
+def start_servers(tmp: Path, model: Path, env: dict[str, str]) -> list[Server]:
+    base_port, prod_port, sync_port = free_port(), free_port(), free_port()
+    baseline = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "-w",
+        "2",
+        "-k",
+        "sync",
+        "-b",
+        f"127.0.0.1:{base_port}",
+        "--control-socket",
+        str(tmp / "ctl.sock"),
+        "bench.flask_baseline:app",
+    ]
+    serve = [sys.executable, "-m", "bnserve", "serve", str(model), "--workers", "2"]
+    return [
+        Server("flask baseline", baseline, base_port, env, tmp / "baseline.log"),
+        Server("bnserve", [*serve, "--port", str(prod_port)], prod_port, env, tmp / "b.log"),
+        Server(
+            "bnserve sync",
+            [*serve, "--port", str(sync_port), "--worker-class", "sync"],
+            sync_port,
+            env,
+            tmp / "bsync.log",
+        ),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
-    global BODY
+    global BODY, INFER_BODY
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--quick", action="store_true", help="3 s rounds")
-    p.add_argument("--python-client", action="store_true", help="do not use wrk")
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--quick", action="store_true", help="2 rounds of 2 s")
+    p.add_argument("--connections", default="1,8,64", help="comma-separated (default 1,8,64)")
+    p.add_argument("--slowloris-seconds", type=float, default=20.0)
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
-    seconds = 3.0 if args.quick else args.seconds
+    rounds, seconds = (2, 2.0) if args.quick else (args.rounds, args.seconds)
+    levels = [int(c) for c in args.connections.split(",")]
+    if not shutil.which("wrk"):
+        print("this benchmark needs wrk (apt-get install wrk)", file=sys.stderr)
+        return 2
 
     tmp = Path(tempfile.mkdtemp(prefix="bnserve-bench-"))
     model = build_model(tmp / "mlp.onnx")
     x = np.random.default_rng(1).normal(size=LAYERS[0]).round(4).tolist()
     BODY = json.dumps({"features": x}).encode()
-    script = None
-    if shutil.which("wrk") and not args.python_client:
-        script = tmp / "post.lua"
-        body = BODY.decode().replace('"', '\\"')
-        script.write_text(
-            f'wrk.method = "POST"\nwrk.body = "{body}"\n'
-            'wrk.headers["Content-Type"] = "application/json"\n'
+    INFER_BODY = json.dumps(
+        {"inputs": [{"name": "input", "shape": [1, LAYERS[0]], "datatype": "FP32", "data": x}]}
+    ).encode()
+    bodies = {"/predict": BODY, "/v2/models/mlp/infer": INFER_BODY}
+    scripts = {
+        (route, mode): wrk_script(
+            tmp / f"{ROUTES[route]}-{i}.lua", bodies[route], mode == "new connection"
         )
+        for route in ROUTES
+        for i, mode in enumerate(MODES)
+    }
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BNSERVE_", "PROMETHEUS_"))}
     env["PYTHONPATH"] = str(ROOT)
     env["BENCH_MODEL"] = str(model)
-    base_port, prod_port = free_port(), free_port()
     servers: list[Server] = []
+    results: dict[tuple, list[dict]] = {}
     try:
-        servers.append(
-            Server(
-                "flask baseline",
-                [
-                    sys.executable,
-                    "-m",
-                    "gunicorn",
-                    "-w",
-                    "2",
-                    "-k",
-                    "sync",
-                    "-b",
-                    f"127.0.0.1:{base_port}",
-                    "--control-socket",
-                    str(tmp / "ctl.sock"),
-                    "bench.flask_baseline:app",
-                ],
-                base_port,
-                env,
-                tmp / "baseline.log",
-            )
-        )
-        servers.append(
-            Server(
-                "bnserve",
-                [
-                    sys.executable,
-                    "-m",
-                    "bnserve",
-                    "serve",
-                    str(model),
-                    "--workers",
-                    "2",
-                    "--port",
-                    str(prod_port),
-                    "--log-level",
-                    "info",
-                ],
-                prod_port,
-                env,
-                tmp / "bnserve.log",
-            )
-        )
-        for server in servers:  # warm every worker
+        servers = start_servers(tmp, model, env)
+        compared = servers[:2]  # the baseline and bnserve's default
+        for server in servers:  # warm every worker on both routes
             for _ in range(200):
                 post(server.port, BODY)
+                post(server.port, INFER_BODY, "/v2/models/mlp/infer")
         print(
-            f"machine: {machine()}; client: {'wrk -t1' if script else 'python threads'}; "
-            f"{args.rounds} rounds of {seconds:g} s; load average before {os.getloadavg()}"
+            f"machine: {machine()}; client: wrk -t1 on the same machine; {rounds} rounds of "
+            f"{seconds:g} s; load average before {os.getloadavg()}"
         )
-        results: dict[tuple[str, int], list[dict]] = {}
-        for r in range(args.rounds):
-            for connections in (1, 8):
-                for server in servers if r % 2 == 0 else servers[::-1]:
-                    result = measure(server, connections, seconds, script)
-                    results.setdefault((server.name, connections), []).append(result)
-                    print(
-                        f"  round {r + 1} {server.name:15s} c={connections}: "
-                        f"{result['rps']:7.0f} req/s p50 {result['p50_ms']:.3f} ms "
-                        f"p99 {result['p99_ms']:.3f} ms cpu {result['cpu_ms']:.3f} ms/req "
-                        f"errors {result['errors']}",
-                        flush=True,
-                    )
+        for r in range(rounds):
+            for route, mode in scripts:
+                for connections in levels:
+                    for server in compared if r % 2 == 0 else compared[::-1]:
+                        result = measure_route(
+                            server, route, connections, seconds, scripts[(route, mode)]
+                        )
+                        key = (server.name, route, mode, connections)
+                        results.setdefault(key, []).append(result)
+                        print(
+                            f"  round {r + 1} {server.name:15s} {route:22s} {mode:14s} "
+                            f"c={connections:<3d} {result['rps']:7.0f} req/s "
+                            f"p50 {result['p50_ms']:.3f} ms p99 {result['p99_ms']:.3f} ms "
+                            f"errors {result['errors']}",
+                            flush=True,
+                        )
+        print(
+            f"\nslow clients: 50 connections sending headers one line per 5 s, for "
+            f"{args.slowloris_seconds:g} s, while a client POSTs /predict every 100 ms"
+        )
+        slow = {}
+        for server in servers:
+            slow[server.name] = slowloris(server.port, 50, args.slowloris_seconds)
+            print(f"  {server.name:15s} {slow[server.name]}", flush=True)
         load = os.getloadavg()
     finally:
         for server in servers:
             server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    def med(name: str, c: int, key: str) -> float:
-        return statistics.median(r[key] for r in results[(name, c)])
+    def med(key: tuple, field: str) -> float:
+        return statistics.median(r[field] for r in results[key])
 
     print(f"\nload average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print(
-        "| server | conns | req/s | p50 ms | p99 ms | CPU ms/req | req/s ratio | p50 ratio | CPU ratio |"
+        "| route | connections | conns | baseline req/s | bnserve req/s | req/s ratio "
+        "| baseline p99 ms | bnserve p99 ms | p99 ratio |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     table = []
-    for c in (1, 8):
-        for name in ("flask baseline", "bnserve"):
-            row = {k: med(name, c, k) for k in ("rps", "p50_ms", "p99_ms", "cpu_ms")}
-            base = {k: med("flask baseline", c, k) for k in ("rps", "p50_ms", "cpu_ms")}
-            ratio = (
-                row["rps"] / base["rps"],
-                row["p50_ms"] / base["p50_ms"],
-                row["cpu_ms"] / base["cpu_ms"],
-            )
-            table.append({"server": name, "connections": c, **row, "ratios": ratio})
+    for route, mode in scripts:
+        for c in levels:
+            base = {f: med(("flask baseline", route, mode, c), f) for f in ("rps", "p99_ms")}
+            ours = {f: med(("bnserve", route, mode, c), f) for f in ("rps", "p99_ms")}
+            row = {
+                "route": route,
+                "mode": mode,
+                "connections": c,
+                "baseline": base,
+                "bnserve": ours,
+                "rps_ratio": ours["rps"] / base["rps"],
+                "p99_ratio": ours["p99_ms"] / base["p99_ms"],
+            }
+            table.append(row)
             print(
-                f"| {name} | {c} | {row['rps']:.0f} | {row['p50_ms']:.3f} | {row['p99_ms']:.3f} "
-                f"| {row['cpu_ms']:.3f} | {ratio[0]:.2f}x | {ratio[1]:.2f}x | {ratio[2]:.2f}x |"
+                f"| {route} | {mode} | {c} | {base['rps']:.0f} | {ours['rps']:.0f} "
+                f"| {row['rps_ratio']:.2f}x | {base['p99_ms']:.2f} | {ours['p99_ms']:.2f} "
+                f"| {row['p99_ratio']:.2f}x |"
             )
+    print("\n| server | slow-client test: answered | slowest answer ms |")
+    print("|---|---|---|")
+    for name, outcome in slow.items():
+        slowest = f"{outcome['max_ms']:.1f}" if outcome["max_ms"] is not None else "-"
+        print(f"| {name} | {outcome['answered']}/{outcome['sent']} | {slowest} |")
     if args.json:
         args.json.write_text(
-            json.dumps({"machine": machine(), "load": load, "table": table}, indent=2)
+            json.dumps(
+                {"machine": machine(), "load": load, "table": table, "slowloris": slow},
+                indent=2,
+            )
         )
     return 0
 

@@ -8,10 +8,11 @@ both go through it. Per request it:
   random prefix and a counter, no syscall) and echoes it in the response;
 - checks the bearer token when auth is on (service/auth.py), before the body is read;
 - checks the state file with one `stat` and switches models when it changed (service/reload.py);
-- answers `POST /predict` itself: the route needs none of what Flask does per request (context
-  push, URL map matching, session, signals, response object), only the body, the runtime and
-  the same protocol functions the Flask route calls (service/simple_api.py). Every other route
-  goes to Flask;
+- answers `POST /predict` and `POST /v2/models/{m}[/versions/{v}]/infer` itself: the hot
+  routes need none of what Flask does per request (context push, URL map matching, session,
+  signals, response object), only the body, the runtime and the same protocol functions the
+  Flask routes call (service/simple_api.py, service/v2.py). Every other route goes to Flask;
+- bounds the time to receive the body (service/body.py `TimedInput`);
 - counts the request (route template, method, status; latency histogram; in-flight gauge) and
   writes one JSON access-log line straight to stderr (one `write`, atomic between workers).
 """
@@ -30,10 +31,11 @@ import orjson
 
 from bnserve.errors import BnserveError
 from service.auth import BearerAuth
-from service.body import TimedInput
+from service.body import TimedInput, read_body
 from service.config import ServiceConfig
 from service.registry import ModelRegistry
 from service.simple_api import predict_body
+from service.v2 import infer
 
 log = logging.getLogger("bnserve.service")
 
@@ -196,8 +198,12 @@ class Gateway:
                     body,
                     path_route(path),
                 )
-        if path == "/predict" and method == "POST":
-            return self._predict(environ)
+        if method == "POST":
+            if path == "/predict":
+                return self._predict(environ)
+            target = v2_infer_target(path)
+            if target is not None:
+                return self._v2_infer(environ, *target)
         if path == "/metrics" or path == "/openapi.json":
             return self._plain(path, method)
         return self._flask(environ)
@@ -218,6 +224,24 @@ class Gateway:
             code = exc.http_status
             body = _error(code, str(exc))
         return code, self._headers(body), body, "/predict"
+
+    def _v2_infer(
+        self, environ: dict[str, Any], name: str, version: str | None
+    ) -> tuple[Any, list, bytes, str]:
+        """`POST /v2/models/{m}[/versions/{v}]/infer` without Flask, like `_predict`."""
+        config = self.config
+        route = V2_INFER_ROUTES[version is not None]
+        try:
+            runtime = self.registry.get(name, version)
+            body = read_body(environ, config.max_body_bytes)
+            payload, extra = infer(
+                runtime, body, environ.get("HTTP_INFERENCE_HEADER_CONTENT_LENGTH"), config.max_batch
+            )
+        except BnserveError as exc:
+            body = _error(exc.http_status, str(exc))
+            return exc.http_status, self._headers(body), body, route
+        headers = [("Content-Length", str(len(payload))), *extra.items()]
+        return 200, headers, payload, route
 
     def _plain(self, path: str, method: str) -> tuple[Any, list, bytes, str]:
         if method not in ("GET", "HEAD"):
@@ -279,6 +303,25 @@ class Gateway:
             log.error("cannot read the new tokens %s: %s", self.store.tokens_path, exc)
             return
         log.info("bearer tokens reloaded (%d token(s))", len(self.auth.tokens))
+
+
+# The Flask rule strings: the metrics and access log label these requests as Flask would.
+V2_INFER_ROUTES = {
+    False: "/v2/models/<name>/infer",
+    True: "/v2/models/<name>/versions/<version>/infer",
+}
+
+
+def v2_infer_target(path: str) -> tuple[str, str | None] | None:
+    """(model, version or None) when `path` is a V2 infer route, else None."""
+    if not (path.startswith("/v2/models/") and path.endswith("/infer")):
+        return None
+    parts = path[len("/v2/models/") : -len("/infer")].split("/")
+    if len(parts) == 1 and parts[0]:
+        return parts[0], None
+    if len(parts) == 3 and parts[0] and parts[1] == "versions" and parts[2]:
+        return parts[0], parts[2]
+    return None
 
 
 def gevent_patched() -> bool:

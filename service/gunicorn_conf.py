@@ -26,6 +26,12 @@ log = logging.getLogger("bnserve.service")
 
 # gunicorn's own request-head limits, stated here because they bound what one request can cost:
 # the request line, the number of header fields and the size of each.
+# --worker-class -> what gunicorn loads: its own sync and gthread, our fairer gevent.
+WORKER_CLASSES = {
+    "gevent": "service.workers.GeventWorker",
+    "sync": "sync",
+    "gthread": "gthread",
+}
 LIMIT_REQUEST_LINE = 8190
 LIMIT_REQUEST_FIELDS = 100
 LIMIT_REQUEST_FIELD_SIZE = 8190
@@ -42,7 +48,7 @@ def gunicorn_settings(config: ServiceConfig) -> dict[str, Any]:
         "bind": [f"{host}:{config.port}"],
         "workers": config.workers,
         "threads": config.threads,
-        "worker_class": config.worker_class,
+        "worker_class": WORKER_CLASSES[config.worker_class],
         "worker_connections": config.worker_connections,
         # gevent and gthread: idle keep-alive time; gevent also reads each request's headers
         # under this deadline, so a client that sends them slowly loses its connection.

@@ -80,7 +80,7 @@ def test_bad_environment_values_name_the_variable(
 def test_gunicorn_settings(clean_env: pytest.MonkeyPatch) -> None:
     settings = gunicorn_settings(config_from_args(["m.onnx", "--workers", "2", "--host", "::1"]))
     assert settings["bind"] == ["[::1]:8000"]
-    assert (settings["workers"], settings["worker_class"]) == (2, "gevent")
+    assert (settings["workers"], settings["worker_class"]) == (2, "service.workers.GeventWorker")
     assert (settings["keepalive"], settings["worker_connections"]) == (5, 1000)
     assert settings["preload_app"] is False
     assert settings["control_socket_disable"] is True
