@@ -129,7 +129,7 @@ class Gateway:
         self.auth = auth
         self.store = store
         self.openapi = openapi
-        self._state_key: tuple[int, int] | None = None
+        self._generation = store.generation_watch() if store is not None else None
         self._cooperative = gevent_patched()
         self._prefix = os.urandom(6).hex() + "-"
         self._count = itertools.count(1)
@@ -275,13 +275,10 @@ class Gateway:
         return status, list(headers), body, environ.get("bnserve.route") or UNMATCHED
 
     def _watch(self) -> None:
-        """Switch models (or start draining) when the state file changed: one stat per request."""
-        try:
-            st = os.stat(self.store.state_path)
-        except OSError:
-            return
-        key = (st.st_ino, st.st_mtime_ns)
-        if key == self._state_key:
+        """Switch models (or tokens, or start draining) when a new state was published: one
+        shared-memory read per request (service/reload.py)."""
+        generation = self._generation.current()
+        if generation == self.registry.generation:
             return
         try:
             state = self.store.read()
@@ -293,7 +290,6 @@ class Gateway:
         self.registry.apply_state(state, config.device, config.intra_op_threads, config.output_kind)
         if self.auth is not None and self.registry.tokens_sha256 != tokens_before:
             self._reload_tokens()
-        self._state_key = key
 
     def _reload_tokens(self) -> None:
         """The master validated the new token file before publishing it: read its copy."""

@@ -12,8 +12,10 @@ So:
   so every worker, whenever it started, accepts the same tokens.
 - `RUNTIME_DIR/models.json` (the state) names the copy each model version is served from, the
   unloaded models, the tokens' hash and whether the server is draining. It is replaced atomically
-  (write + rename) under a short lock; each worker checks its inode and mtime with one `stat` per
-  request and switches to a new state before answering.
+  (write + rename) under a short lock, then its generation number is written into
+  `RUNTIME_DIR/generation`, 8 bytes that every worker maps into memory: a worker compares them
+  with the generation it serves on every request (a memory read, no system call) and reads the
+  state and switches before answering when they differ.
 - A reload is a request in a queue (`RUNTIME_DIR/reloads.json`): SIGHUP in the master queues "every
   model, and the tokens"; `POST /v2/repository/models/{m}/load|unload` in a worker queues that
   model and waits for its ticket. The master starts one runner process (`python -m
@@ -34,7 +36,9 @@ import contextlib
 import fcntl
 import hashlib
 import logging
+import mmap
 import os
+import struct
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -54,6 +58,7 @@ STATE_FILE = "models.json"
 QUEUE_FILE = "reloads.json"
 CONFIG_FILE = "config.json"
 TOKENS_FILE = "tokens"
+GENERATION_FILE = "generation"
 _KEPT_JOBS = 64  # finished jobs remembered for the waiters (each names its ticket range)
 
 
@@ -93,6 +98,7 @@ class ModelStore:
         self.state_path = self.dir / STATE_FILE
         self.queue_path = self.dir / QUEUE_FILE
         self.tokens_path = self.dir / TOKENS_FILE
+        self.generation_path = self.dir / GENERATION_FILE
 
     # -- state file -------------------------------------------------------------------------
 
@@ -111,7 +117,16 @@ class ModelStore:
             if change(state):
                 state["generation"] += 1
                 self.write(state)
+                self.publish(state["generation"])
             return state
+
+    def publish(self, generation: int) -> None:
+        """Tell every worker a new state is in place (after the rename: never before it)."""
+        with self.generation_path.open("r+b") as f, mmap.mmap(f.fileno(), 8) as shared:
+            struct.pack_into("<q", shared, 0, generation)
+
+    def generation_watch(self) -> GenerationWatch:
+        return GenerationWatch(self.generation_path)
 
     def set_draining(self) -> None:
         def drain(state: dict[str, Any]) -> bool:
@@ -169,6 +184,7 @@ class ModelStore:
             "tokens_sha256": self.keep_tokens(tokens) if tokens else None,
         }
         self.write(state)
+        _write_atomic(self.generation_path, struct.pack("<q", 0))
         _write_atomic(self.dir / CONFIG_FILE, orjson.dumps(asdict(config)))
         _write_atomic(self.queue_path, orjson.dumps({"next": 1, "pending": [], "jobs": []}))
         return state
@@ -257,6 +273,17 @@ class ModelStore:
                 return results
             time.sleep(poll)
         return None
+
+
+class GenerationWatch:
+    """A worker's read-only view of the published state generation (8 shared bytes)."""
+
+    def __init__(self, path: Path) -> None:
+        with path.open("rb") as f:
+            self._shared = mmap.mmap(f.fileno(), 8, access=mmap.ACCESS_READ)
+
+    def current(self) -> int:
+        return struct.unpack_from("<q", self._shared)[0]
 
 
 def repository_of(state: dict[str, Any]) -> Repository:
