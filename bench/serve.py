@@ -389,15 +389,16 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nload average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print(
-        "| route | connections | conns | baseline req/s | bnserve req/s | req/s ratio "
-        "| baseline p99 ms | bnserve p99 ms | p99 ratio |"
+        "| route | connections | concurrent | baseline req/s | bnserve req/s | req/s ratio "
+        "| baseline p99 ms | bnserve p99 ms | p99 ratio | CPU/request ratio |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     table = []
     for route, mode in scripts:
         for c in levels:
-            base = {f: med(("flask baseline", route, mode, c), f) for f in ("rps", "p99_ms")}
-            ours = {f: med(("bnserve", route, mode, c), f) for f in ("rps", "p99_ms")}
+            fields = ("rps", "p99_ms", "cpu_ms")
+            base = {f: med(("flask baseline", route, mode, c), f) for f in fields}
+            ours = {f: med(("bnserve", route, mode, c), f) for f in fields}
             row = {
                 "route": route,
                 "mode": mode,
@@ -406,12 +407,13 @@ def main(argv: list[str] | None = None) -> int:
                 "bnserve": ours,
                 "rps_ratio": ours["rps"] / base["rps"],
                 "p99_ratio": ours["p99_ms"] / base["p99_ms"],
+                "cpu_ratio": ours["cpu_ms"] / base["cpu_ms"],
             }
             table.append(row)
             print(
                 f"| {route} | {mode} | {c} | {base['rps']:.0f} | {ours['rps']:.0f} "
                 f"| {row['rps_ratio']:.2f}x | {base['p99_ms']:.2f} | {ours['p99_ms']:.2f} "
-                f"| {row['p99_ratio']:.2f}x |"
+                f"| {row['p99_ratio']:.2f}x | {row['cpu_ratio']:.2f}x |"
             )
     print("\n| server | slow-client test: answered | slowest answer ms |")
     print("|---|---|---|")

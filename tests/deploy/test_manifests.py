@@ -84,6 +84,8 @@ def test_deployment_probes_security_resources_and_grace():
     assert mounts["/tmp"] in {v["name"] for v in pod["volumes"]}
     env = container_env(c)
     assert env["BNSERVE_METRICS_DIR"].startswith("/tmp/")
+    # The Service exposes the pods directly: the worker model that slow clients cannot block.
+    assert env["BNSERVE_WORKER_CLASS"] == "gevent"
     # The grace period covers the drain (readiness 503 while serving) plus gunicorn's graceful stop.
     drain = int(env["BNSERVE_DRAIN_SECONDS"])
     assert drain > 0

@@ -264,6 +264,15 @@ def test_explicit_load_and_unload_with_a_token(tmp_path: Path) -> None:
             assert r.status_code == 200
         r = requests.post(server.url + "/v2/repository/models/zzz/load", headers=auth)
         assert r.status_code == 404
+        # a model added to the repository after start
+        added = build_mlp_classifier(repo / "c" / "1" / "model.onnx", seed=5)
+        r = requests.post(server.url + "/v2/repository/models/c/load", headers=auth)
+        assert r.status_code == 200 and r.json()["versions"]["1"] == file_sha256(added), r.text
+        expected = reference_run(added, np.full((1, 8), 0.5, dtype=np.float32))[0]
+        for _ in range(6):
+            r = requests.post(server.url + "/v2/models/c/infer", json=infer, headers=auth)
+            assert r.status_code == 200
+            assert np.allclose(r.json()["outputs"][0]["data"], expected, atol=1e-6)
         # unloading the model POST /predict serves
         r = requests.post(server.url + "/v2/repository/models/a/unload", headers=auth)
         assert r.status_code == 200
