@@ -149,7 +149,10 @@ class LiveServer:
         return self.log_path.read_text(errors="replace")
 
     def worker_pids(self) -> list[int]:
-        """The gunicorn workers: the master's children, less a reload runner at work."""
+        """The gunicorn workers: the master's children that run the master's command line
+        (forked, not exec'd), so neither a reload runner nor an exited child waiting to be
+        reaped (its command line is empty) counts."""
+        master = Path(f"/proc/{self.proc.pid}/cmdline").read_bytes()
         children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
         pids = []
         for pid in children.read_text().split():
@@ -157,7 +160,7 @@ class LiveServer:
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:  # exited meanwhile
                 continue
-            if b"service.reload" not in cmdline:
+            if cmdline == master:
                 pids.append(int(pid))
         return pids
 
