@@ -5,7 +5,7 @@ arrays. Linear layers use the project's layout, `y = x @ W + b` with `W [in, out
 transB=0); a caller holding `W [out, in]` (Gemm transB=1, torch.nn.Linear) transposes first.
 
 With frozen statistics BN is a per-feature affine map `y = s * x + t` with
-`s = gamma / sqrt(var + eps)` and `t = beta - s * mean` (../shared/docs/batchnorm.md, section 5).
+`s = gamma / sqrt(var + eps)` and `t = beta - s * mean` (docs/folding.md).
 Such a map folds into the linear layer before it (scaling its output columns) or into the one
 after it (scaling its input rows); it never crosses a nonlinearity, which is why the "after"
 placement (linear -> activation -> BN) can only go forward.

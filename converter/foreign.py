@@ -42,7 +42,7 @@ from converter.inspect import load_model
 Array = np.ndarray
 
 MIN_BN_OPSET = 9
-# |s| above this loses float32 precision once folded (../shared/docs/batchnorm.md, pitfalls).
+# |s| above this loses float32 precision once folded (docs/folding.md, pitfalls).
 LARGE_SCALE = 1e4
 _AFFINE_OPS = ("Add", "Sub", "Mul", "Div")
 _FLOAT_TYPES = (np.float16, np.float32, np.float64)

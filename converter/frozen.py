@@ -19,7 +19,7 @@ from models.layers import activation_eval, softmax
 Array = np.ndarray
 
 # Above this |s| float32 loses enough of the folded weights' precision to be worth a warning:
-# the tiny variance is then magnified into the weights (../shared/docs/batchnorm.md, section 5).
+# the tiny variance is then magnified into the weights (docs/folding.md).
 LARGE_SCALE = 1e4
 
 

@@ -4,7 +4,7 @@ reference, accepting float32's own error but nothing more.
 Criterion: the candidate's max absolute probability error is <= max(atol, NOISE_FACTOR (4) x the
 float32 noise floor), at ORT_DISABLE_ALL and at ORT_ENABLE_ALL, and the argmax agrees with the reference on
 every row that is not a near tie. The noise floor is the largest error of independent float32
-evaluations of the same network: issue 5 names the unfolded graph in onnxruntime; the converter
+evaluations of the same network: the unfolded graph in onnxruntime, and the converter
 adds the unfolded network in numpy float32 and the folded weights evaluated in numpy float32
 with two summation orders, because folding can
 make float32 legitimately worse (a large input mean over a small std, or a large BN scale, moves

@@ -1,7 +1,7 @@
-"""The service's settings: defaults, then BNSERVE_* environment variables, then flags.
+"""The service's settings and the registries of allowed values.
 
-The container image sets the environment variables; command-line flags win over them. One frozen
-dataclass travels from the CLI through gunicorn into `create_app` in every worker.
+One frozen dataclass travels from the CLI (service/options.py: flags, then BNSERVE_* environment
+variables, then defaults) through gunicorn into `create_app` in every worker.
 """
 
 from __future__ import annotations
@@ -106,50 +106,3 @@ class ServiceConfig:
         if unknown:
             raise UsageError(f"unknown service settings: {', '.join(sorted(unknown))}")
         return replace(cls(), **values)
-
-
-def env_str(name: str, default: str | None) -> str | None:
-    """An environment variable, or `default` when it is unset or empty."""
-    value = os.environ.get(name, "").strip()
-    return value or default
-
-
-def env_int(name: str, default: int, minimum: int = 1) -> int:
-    """An integer environment variable with a message naming the variable when it is bad."""
-    raw = env_str(name, None)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise UsageError(f"{name} must be an integer, got {raw!r}") from None
-    if value < minimum:
-        raise UsageError(f"{name} must be at least {minimum}, got {value}")
-    return value
-
-
-def env_float(name: str, default: float, allow_zero: bool = False) -> float:
-    """A positive number from the environment, with a message naming the variable when bad."""
-    raw = env_str(name, None)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise UsageError(f"{name} must be a number, got {raw!r}") from None
-    if not (value > 0 or (allow_zero and value == 0)):
-        raise UsageError(f"{name} must be positive, got {raw!r}")
-    return value
-
-
-def env_bool(name: str, default: bool) -> bool:
-    """A yes/no environment variable (1/0, true/false, yes/no, on/off)."""
-    raw = env_str(name, None)
-    if raw is None:
-        return default
-    value = raw.lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise UsageError(f"{name} must be true or false, got {raw!r}")

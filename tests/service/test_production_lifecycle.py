@@ -1,6 +1,6 @@
 """The server on a bad day, under a bounded loopback load: a worker SIGKILLed, SIGTERM with
 requests in flight, the --drain-seconds window, and hot reloads with a good and a truncated
-model file (the repository API and SIGHUP), checked in every worker (issue 8)."""
+model file (the repository API and SIGHUP), checked in every worker."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Operations on a live server: request ids, JSON access log, Prometheus metrics across workers,
-bearer-token auth, limits, worker recycling and /openapi.json (issue 8)."""
+bearer-token auth, limits, worker recycling and /openapi.json."""
 
 from __future__ import annotations
 

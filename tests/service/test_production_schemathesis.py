@@ -1,6 +1,6 @@
 """schemathesis against /openapi.json on the live server (the repository served by 2 workers):
 seeded generated requests on every operation, no 5xx, every status, content type and body
-matching the document (issue 8)."""
+matching the document."""
 
 from __future__ import annotations
 

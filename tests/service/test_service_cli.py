@@ -31,8 +31,17 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
         "LOG_LEVEL",
         "WORKER_CLASS",
         "MODEL_CONTROL",
+        "ACCESS_LOG",
+        "ALLOW_SIGNATURE_CHANGE",
+        "MAX_REQUESTS",
+        "MAX_REQUESTS_JITTER",
+        "DRAIN_SECONDS",
+        "MAX_BODY_MB",
+        "METRICS_DIR",
+        "BODY_TIMEOUT",
     ):
         monkeypatch.delenv(f"BNSERVE_{name}", raising=False)
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     return monkeypatch
 
 
@@ -229,3 +238,68 @@ def test_up_stops_when_a_stage_fails(tmp_path: Path, monkeypatch: pytest.MonkeyP
     with pytest.raises(up.UpError, match=r"'bnserve train sklearn:digits --out .*' failed") as info:
         up.up_main(["--dir", str(tmp_path)])
     assert info.value.exit_code == 3
+
+
+def test_help_and_version_work_whatever_the_environment_holds(
+    clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clean_env.setenv("BNSERVE_PORT", "abc")
+    clean_env.setenv("BNSERVE_WORKERS", "-3")
+    for flag in ("--help", "--version"):
+        with pytest.raises(SystemExit) as done:
+            config_from_args([flag])
+        assert done.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
+    assert "env BNSERVE_PORT" in out and "--keep-alive" in out and "bnserve 0." in out
+    with pytest.raises(UsageError, match="BNSERVE_PORT must be an integer, got 'abc'"):
+        config_from_args(["m.onnx", "--workers", "2"])
+    # the flag wins, so the bad variable is never read
+    assert config_from_args(["m.onnx", "--port", "9", "--workers", "2"]).port == 9
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["--body-timeout", "0"], {}, "must be > 0"),
+        (["--port", "70000"], {}, "must be at most 65535"),
+        (["--model-control", "poll"], {}, "must be one of none, explicit"),
+        ([], {"BNSERVE_ACCESS_LOG": "maybe"}, "BNSERVE_ACCESS_LOG must be true or false"),
+        ([], {"BNSERVE_DRAIN_SECONDS": "-1"}, "BNSERVE_DRAIN_SECONDS must be >= 0"),
+        ([], {"BNSERVE_MAX_BODY_MB": "0"}, "BNSERVE_MAX_BODY_MB must be > 0"),
+    ],
+)
+def test_bad_values_name_the_flag_or_variable(
+    clean_env: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    env: dict[str, str],
+    message: str,
+) -> None:
+    for name, value in env.items():
+        clean_env.setenv(name, value)
+    if env:
+        with pytest.raises(UsageError, match=message):
+            config_from_args(["m.onnx", *argv])
+        return
+    with pytest.raises(SystemExit) as done:
+        config_from_args(["m.onnx", *argv])
+    assert done.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_every_option_has_one_declaration_and_reaches_the_config(
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    clean_env.setenv("BNSERVE_ACCESS_LOG", "off")
+    clean_env.setenv("BNSERVE_ALLOW_SIGNATURE_CHANGE", "yes")
+    clean_env.setenv("PROMETHEUS_MULTIPROC_DIR", "/tmp/prom")
+    clean_env.setenv("BNSERVE_MAX_REQUESTS", "50")
+    config = config_from_args(["m.onnx", "--body-timeout", "2.5", "--max-body-mb", "1"])
+    assert (config.access_log, config.allow_signature_change) == (False, True)
+    assert (config.metrics_dir, config.max_requests, config.max_requests_jitter) == (
+        "/tmp/prom",
+        50,
+        5,
+    )
+    assert (config.body_timeout, config.max_body_bytes) == (2.5, 1024 * 1024)
+    assert config_from_args(["m.onnx", "--access-log"]).access_log is True
