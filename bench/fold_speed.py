@@ -23,10 +23,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-
-from converter.convert import convert_checkpoint
-from models.checkpoint import Checkpoint, save_checkpoint
-from models.network import NetworkSpec, init_params
+from bnserve.converter.convert import convert_checkpoint
+from bnserve.models.checkpoint import Checkpoint, save_checkpoint
+from bnserve.models.network import NetworkSpec, init_params
 
 
 def random_checkpoint(layers: tuple[int, ...], seed: int = 0) -> Checkpoint:
@@ -52,7 +51,7 @@ def torch_variants(tmp: Path, layers: tuple[int, ...]) -> dict[str, Path]:
         import torch
     except ImportError:
         return {}
-    from converter.foreign import fold_onnx_file
+    from bnserve.converter.foreign import fold_onnx_file
 
     torch.manual_seed(0)
     mods: list[torch.nn.Module] = []

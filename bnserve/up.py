@@ -75,7 +75,7 @@ def curl_example(url: str, n_features: int) -> str:
 
 
 def _n_features(model: Path) -> int:
-    from service.metadata import load_info
+    from bnserve.service.metadata import load_info
 
     return load_info(model).n_features
 

@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 
-from converter import export
+from bnserve.converter import export
 
 
 def _convert_parser() -> argparse.ArgumentParser:
@@ -45,7 +45,7 @@ def _convert_parser() -> argparse.ArgumentParser:
 
 def convert_main(argv: list[str]) -> int:
     args = _convert_parser().parse_args(argv)
-    from converter.convert import convert_checkpoint
+    from bnserve.converter.convert import convert_checkpoint
 
     def warn(msg: str) -> None:
         print(f"bnserve convert: warning: {msg}", file=sys.stderr)
@@ -99,7 +99,7 @@ def _fold_parser() -> argparse.ArgumentParser:
 
 def fold_main(argv: list[str]) -> int:
     args = _fold_parser().parse_args(argv)
-    from converter.foreign import fold_onnx_file
+    from bnserve.converter.foreign import fold_onnx_file
 
     def warn(msg: str) -> None:
         print(f"bnserve fold: warning: {msg}", file=sys.stderr)
@@ -136,7 +136,7 @@ def inspect_main(argv: list[str]) -> int:
     p.add_argument("model", help="any ONNX file")
     p.add_argument("--json", action="store_true", help="print the description as JSON")
     args = p.parse_args(argv)
-    from converter.inspect import describe_model, format_description, load_model
+    from bnserve.converter.inspect import describe_model, format_description, load_model
 
     desc = describe_model(load_model(args.model))
     if args.json:

@@ -17,21 +17,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from bnserve.atomic import check_output_dir
-from bnserve.errors import ModelError, ParityError, UsageError
-from converter import export, verify
-from converter.freeze import freeze_checkpoint
-from converter.frozen import (
+from bnserve.converter import export, verify
+from bnserve.converter.freeze import freeze_checkpoint
+from bnserve.converter.frozen import (
     FoldedMLP,
     fold_mlp,
     folded_logits,
     folded_probabilities,
     unfolded_report,
 )
-from models.checkpoint import Checkpoint, file_sha256, load_checkpoint
-from models.layers import softmax
-from models.network import logits_eval
+from bnserve.models.checkpoint import Checkpoint, file_sha256, load_checkpoint
+from bnserve.models.layers import softmax
+from bnserve.models.network import logits_eval
+
+from bnserve.atomic import check_output_dir
+from bnserve.errors import ModelError, ParityError, UsageError
 
 
 @dataclass

@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 import onnx
+from bnserve.converter.frozen import FoldedMLP, FrozenMLP
 from onnx import TensorProto, helper, numpy_helper
 
 from bnserve import __version__
 from bnserve.errors import ModelError
-from converter.frozen import FoldedMLP, FrozenMLP
 
 # 21 is the newest opset onnxruntime 1.18 (the floor in pyproject.toml) runs, so a converted file
 # loads in every supported runtime; 13 is the oldest we test (Softmax's semantics changed there).

@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from converter import fold
-from models.layers import activation_eval, softmax
+from bnserve.converter import fold
+from bnserve.models.layers import activation_eval, softmax
 
 Array = np.ndarray
 

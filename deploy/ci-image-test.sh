@@ -132,7 +132,8 @@ assert not bad, f"trainer libraries in the runtime image: {bad}"
 cc = [c for c in ("gcc", "cc", "g++", "make", "curl") if shutil.which(c)]
 assert not cc, f"build tools in the runtime image: {cc}"
 assert not os.path.exists("/root/.cache/pip"), "pip cache left in the image"
-assert importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("service")
+assert importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("bnserve.service")
+assert not importlib.util.find_spec("service"), "a top-level service package in the image"
 assert os.path.isfile("/models/digits/1/model.onnx"), "no default model in /models"
 print("runtime image: serving install only; default model present; uid", os.getuid())
 '

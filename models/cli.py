@@ -83,7 +83,7 @@ def train_parser() -> argparse.ArgumentParser:
 
 def build_config(args: argparse.Namespace) -> Any:
     """TrainConfig from defaults, then the --config file, then the options given on the command line."""
-    from models.train import TrainConfig
+    from bnserve.models.train import TrainConfig
 
     values: dict[str, Any] = {}
     if args.config:
@@ -141,11 +141,10 @@ def history_csv(history: list[dict[str, float]]) -> str:
 def train_main(argv: list[str]) -> int:
     for module in ("tqdm", "matplotlib"):
         require_extra(module, "train", "train")
+    from bnserve.models.checkpoint import save_checkpoint
+    from bnserve.models.plots import plot_curves
+    from bnserve.models.train import train
     from tqdm import tqdm
-
-    from models.checkpoint import save_checkpoint
-    from models.plots import plot_curves
-    from models.train import train
 
     args = train_parser().parse_args(argv)
     config = build_config(args)
@@ -214,9 +213,9 @@ def evaluate_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.plot:
         check_output_path(args.plot)
-    from models.checkpoint import load_checkpoint
-    from models.data import load_for_model
-    from models.metrics import classification_report, format_report
+    from bnserve.models.checkpoint import load_checkpoint
+    from bnserve.models.data import load_for_model
+    from bnserve.models.metrics import classification_report, format_report
 
     ckpt = load_checkpoint(args.checkpoint)
     # A model trained with --label species is evaluated on the same kind of file without
@@ -229,7 +228,7 @@ def evaluate_main(argv: list[str]) -> int:
     report["stats"] = stats
     if args.plot:
         require_extra("matplotlib", "train", "evaluate --plot")
-        from models.plots import plot_confusion
+        from bnserve.models.plots import plot_confusion
 
         plot_confusion(report, args.plot)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
@@ -299,12 +298,11 @@ def tune_main(argv: list[str]) -> int:
     import math
     import os
 
+    from bnserve.models.data import load_dataset
+    from bnserve.models.plots import plot_search
+    from bnserve.models.train import TrainConfig
+    from bnserve.models.tune import SearchSpace, search, write_best
     from tqdm import tqdm
-
-    from models.data import load_dataset
-    from models.plots import plot_search
-    from models.train import TrainConfig
-    from models.tune import SearchSpace, search, write_best
 
     p = _Parser(prog="bnserve tune", description="Random hyperparameter search, coarse to fine.")
     _study_options(p, epochs=30)
@@ -420,12 +418,11 @@ def compare_main(argv: list[str]) -> int:
         require_extra(module, "train", "compare")
     import os
 
+    from bnserve.models.compare import compare
+    from bnserve.models.data import load_dataset
+    from bnserve.models.plots import plot_compare
+    from bnserve.models.train import TrainConfig
     from tqdm import tqdm
-
-    from models.compare import compare
-    from models.data import load_dataset
-    from models.plots import plot_compare
-    from models.train import TrainConfig
 
     p = _Parser(
         prog="bnserve compare",

@@ -9,8 +9,8 @@ from dataclasses import replace
 from multiprocessing import get_context
 from typing import Any
 
-from models.data import Dataset
-from models.train import TrainConfig, train
+from bnserve.models.data import Dataset
+from bnserve.models.train import TrainConfig, train
 
 PLACEMENTS = ("none", "before", "after")
 

@@ -21,8 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-
-from models import layers
+from bnserve.models import layers
 
 Array = np.ndarray
 Params = dict[str, Array]

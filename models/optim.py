@@ -10,8 +10,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
-from models.network import Params
+from bnserve.models.network import Params
 
 OPTIMIZERS = ("sgd", "momentum", "rmsprop", "adam")
 SCHEDULES = ("none", "inverse", "exponential")

@@ -14,12 +14,10 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
-
-from bnserve.errors import DataError
-from models import layers
-from models.checkpoint import Checkpoint
-from models.data import Dataset, fingerprint, load_dataset, load_for_model, stratified_split
-from models.network import (
+from bnserve.models import layers
+from bnserve.models.checkpoint import Checkpoint
+from bnserve.models.data import Dataset, fingerprint, load_dataset, load_for_model, stratified_split
+from bnserve.models.network import (
     PLACEMENTS,
     NetworkSpec,
     Params,
@@ -28,7 +26,9 @@ from models.network import (
     logits_eval,
     loss_and_grads,
 )
-from models.optim import OPTIMIZERS, SCHEDULES, make_optimizer, scheduled_lr
+from bnserve.models.optim import OPTIMIZERS, SCHEDULES, make_optimizer, scheduled_lr
+
+from bnserve.errors import DataError
 
 DTYPES = {"float64": np.float64, "float32": np.float32}
 

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bnserve.models.train import TrainConfig
 
 from bnserve.errors import BnserveError, UsageError
-from models.train import TrainConfig
 
 CSV_FIELDS = [
     "trial", "round", "seed", "lr", "beta1", "weight_decay", "hidden", "batch_size", "bn",
@@ -127,8 +127,8 @@ def run_trial(
     data_source: str, base: dict[str, Any], point: dict[str, Any], trial: int, rnd: int
 ) -> dict[str, Any]:
     """Train one configuration; failures become a row with a status, never an exception."""
-    from models.data import load_dataset
-    from models.train import train
+    from bnserve.models.data import load_dataset
+    from bnserve.models.train import train
 
     key = f"{data_source}|{base.get('label')}"
     if key not in _worker_cache:

@@ -12,18 +12,17 @@ import logging
 from typing import Any
 
 import orjson
+from bnserve.service import simple_api, v2
+from bnserve.service.auth import BearerAuth, read_tokens
+from bnserve.service.config import ServiceConfig
+from bnserve.service.errors import install_error_handlers
+from bnserve.service.gateway import AccessLog, Gateway
+from bnserve.service.metrics import get_metrics
+from bnserve.service.openapi import openapi_document
+from bnserve.service.registry import ModelRegistry
+from bnserve.service.reload import ModelStore
+from bnserve.service.repository import find_models
 from flask import Flask, request
-
-from service import simple_api, v2
-from service.auth import BearerAuth, read_tokens
-from service.config import ServiceConfig
-from service.errors import install_error_handlers
-from service.gateway import AccessLog, Gateway
-from service.metrics import get_metrics
-from service.openapi import openapi_document
-from service.registry import ModelRegistry
-from service.reload import ModelStore
-from service.repository import find_models
 
 log = logging.getLogger("bnserve.service")
 

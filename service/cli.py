@@ -1,7 +1,7 @@
 """`bnserve serve` and `bnserve predict`.
 
 Defaults come from BNSERVE_* environment variables (the container sets them) and flags win.
-`serve` checks the models in a child process first (`service.probe`), then runs gunicorn in this
+`serve` checks the models in a child process first (`bnserve.service.probe`), then runs gunicorn in this
 process, so signals sent to `bnserve serve` reach the gunicorn master.
 """
 
@@ -17,9 +17,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from bnserve.service.config import DEVICES, OUTPUT_KINDS, ServiceConfig
+from bnserve.service.options import SERVE_OPTIONS, build_parser, positive_int, resolve
+
 from bnserve.errors import UsageError
-from service.config import DEVICES, OUTPUT_KINDS, ServiceConfig
-from service.options import SERVE_OPTIONS, build_parser, positive_int, resolve
 
 log = logging.getLogger("bnserve.service")
 
@@ -75,9 +76,9 @@ def serve_main(argv: list[str]) -> int:
     """Check the models in a child process, then become the gunicorn master."""
     config = config_from_args(argv)
     configure_logging(config.log_level)
-    from service.gunicorn_conf import BnserveApplication
-    from service.probe import probe_models
-    from service.repository import find_models
+    from bnserve.service.gunicorn_conf import BnserveApplication
+    from bnserve.service.probe import probe_models
+    from bnserve.service.repository import find_models
 
     repository = find_models(config.model, config.model_name)  # fail fast on a bad path
     log.info(
@@ -113,9 +114,9 @@ def prepare_runtime(
 ) -> tuple[ServiceConfig, Path | None]:
     """Before forking: token check, metrics directory, model store; returns the directory to
     remove at exit (the default runtime directory), if any."""
-    from service.auth import read_tokens
-    from service.metrics import prepare_dir
-    from service.reload import ModelStore
+    from bnserve.service.auth import read_tokens
+    from bnserve.service.metrics import prepare_dir
+    from bnserve.service.reload import ModelStore
 
     # refuse to start with no usable token; workers read the store's validated copy
     tokens = read_tokens(config.token_file) if config.token_file else None
@@ -165,9 +166,9 @@ def predict_parser() -> argparse.ArgumentParser:
 def predict_main(argv: list[str]) -> int:
     """`bnserve predict MODEL DATA -o OUT.csv`."""
     args = predict_parser().parse_args(argv)
-    from service.offline import read_features, score, write_predictions
-    from service.repository import default_version, find_models
-    from service.runtime import ModelRuntime
+    from bnserve.service.offline import read_features, score, write_predictions
+    from bnserve.service.repository import default_version, find_models
+    from bnserve.service.runtime import ModelRuntime
 
     repository = find_models(args.model, args.model_name)
     if args.model_name is None and len(repository) > 1:

@@ -7,7 +7,7 @@ both go through it. Per request it:
 - takes `X-Request-ID` from the request when it is a sane token (else makes one: a per-worker
   random prefix and a counter, no syscall) and echoes it in the response;
 - checks the bearer token when auth is on (service/auth.py), before the body is read;
-- checks the state file with one `stat` and switches models when it changed (service/reload.py);
+- switches models, tokens or draining when a new state was published (8 shared bytes, service/reload.py);
 - answers `POST /predict` and `POST /v2/models/{m}[/versions/{v}]/infer` itself: the hot
   routes need none of what Flask does per request (context push, URL map matching, session,
   signals, response object), only the body, the runtime and the same protocol functions the
@@ -28,14 +28,14 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
+from bnserve.service.auth import BearerAuth
+from bnserve.service.body import TimedInput, read_body
+from bnserve.service.config import ServiceConfig
+from bnserve.service.registry import ModelRegistry
+from bnserve.service.simple_api import predict_body
+from bnserve.service.v2 import infer
 
 from bnserve.errors import BnserveError
-from service.auth import BearerAuth
-from service.body import TimedInput, read_body
-from service.config import ServiceConfig
-from service.registry import ModelRegistry
-from service.simple_api import predict_body
-from service.v2 import infer
 
 log = logging.getLogger("bnserve.service")
 
@@ -250,7 +250,7 @@ class Gateway:
         if path == "/openapi.json" and self.openapi is not None:
             return 200, self._headers(self.openapi), self.openapi, path
         if path == "/metrics":
-            from service.metrics import render
+            from bnserve.service.metrics import render
 
             body, content_type = render()
             return 200, self._headers(body, (), content_type), body, path

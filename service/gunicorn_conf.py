@@ -16,11 +16,10 @@ import time
 from typing import Any
 
 import orjson
+from bnserve.service.config import ServiceConfig
+from bnserve.service.repository import Repository
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
-
-from service.config import ServiceConfig
-from service.repository import Repository
 
 log = logging.getLogger("bnserve.service")
 
@@ -29,7 +28,7 @@ log = logging.getLogger("bnserve.service")
 # the request line, the number of header fields and the size of each.
 # --worker-class -> what gunicorn loads: its own sync and gthread, our fairer gevent.
 WORKER_CLASSES = {
-    "gevent": "service.workers.GeventWorker",
+    "gevent": "bnserve.service.workers.GeventWorker",
     "sync": "sync",
     "gthread": "gthread",
 }
@@ -128,7 +127,7 @@ def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None
 
 def child_exit(server: Any, worker: Any) -> None:
     """A worker exited (or was killed): drop its live metric gauges."""
-    from service.metrics import mark_dead
+    from bnserve.service.metrics import mark_dead
 
     mark_dead(worker.pid)
 
@@ -151,7 +150,7 @@ class BnserveArbiter(Arbiter):
         self.reload_runner: subprocess.Popen | None = None
 
     def _store(self) -> Any:
-        from service.reload import ModelStore
+        from bnserve.service.reload import ModelStore
 
         return ModelStore(self.bnserve_config.runtime_dir)
 
@@ -167,12 +166,12 @@ class BnserveArbiter(Arbiter):
         self.start_reload_runner()
 
     def start_reload_runner(self) -> None:
-        """Start `python -m service.reload` when requests wait and no runner is alive."""
+        """Start `python -m bnserve.service.reload` when requests wait and no runner is alive."""
         runner = self.reload_runner
         if runner is not None:
             if runner.poll() is None:
                 return
-            from service.metrics import mark_dead
+            from bnserve.service.metrics import mark_dead
 
             mark_dead(runner.pid)  # its reload counters join the archive
             self.reload_runner = None
@@ -180,7 +179,12 @@ class BnserveArbiter(Arbiter):
             if not self._store().has_pending():
                 return
             self.reload_runner = subprocess.Popen(
-                [sys.executable, "-m", "service.reload", str(self.bnserve_config.runtime_dir)],
+                [
+                    sys.executable,
+                    "-m",
+                    "bnserve.service.reload",
+                    str(self.bnserve_config.runtime_dir),
+                ],
                 stdin=subprocess.DEVNULL,
                 close_fds=True,
             )
@@ -232,6 +236,6 @@ class BnserveApplication(BaseApplication):
                 self.cfg.set(key, value)
 
     def load(self) -> Any:
-        from service.app import create_app
+        from bnserve.service.app import create_app
 
         return create_app(self.config)  # the models come from the store's copies (reload.py)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from bnserve.service.config import ServiceConfig
+from bnserve.service.registry import ModelRegistry
+
 import bnserve
-from service.config import ServiceConfig
-from service.registry import ModelRegistry
 
 JSON = "application/json"
 

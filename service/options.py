@@ -14,9 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import bnserve
-from bnserve.errors import UsageError
-from service.config import (
+from bnserve.service.config import (
     DEVICES,
     LOG_LEVELS,
     MODEL_CONTROL_MODES,
@@ -24,6 +22,9 @@ from service.config import (
     WORKER_CLASSES,
     default_workers,
 )
+
+import bnserve
+from bnserve.errors import UsageError
 
 _DAY = 86400.0
 

@@ -3,7 +3,7 @@
 The master must not create onnxruntime sessions (they, and CUDA, are not fork-safe), but a bad
 model or a CUDA provider that falls back to CPU should stop `bnserve serve` with a clear message
 instead of failing in every worker. So the check runs where forking does not matter: a fresh
-`python -m service.probe` process, which loads and warms up each model as a worker would. It also
+`python -m bnserve.service.probe` process, which loads and warms up each model as a worker would. It also
 settles `--device auto` once, so every worker uses the same device.
 """
 
@@ -15,8 +15,9 @@ import subprocess
 import sys
 from typing import Any
 
+from bnserve.service.config import ServiceConfig
+
 from bnserve.errors import ModelError
-from service.config import ServiceConfig
 
 _MARKER = "BNSERVE_PROBE "
 
@@ -40,7 +41,7 @@ def probe_models(
     request = json.dumps(document)
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "service.probe"],
+            [sys.executable, "-m", "bnserve.service.probe"],
             input=request,
             capture_output=True,
             text=True,
@@ -66,8 +67,8 @@ def probe_models(
 def _probe(config: ServiceConfig, repository: dict[str, Any] | None = None) -> dict[str, Any]:
     from pathlib import Path
 
-    from service.registry import ModelRegistry
-    from service.repository import find_models
+    from bnserve.service.registry import ModelRegistry
+    from bnserve.service.repository import find_models
 
     if repository is None:
         found = find_models(config.model, config.model_name)

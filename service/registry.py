@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bnserve.service.errors import BadRequestError, NotFoundError, NotReadyError
+from bnserve.service.repository import Repository, default_version, parse_version
+from bnserve.service.runtime import ModelRuntime
+
 from bnserve.errors import BnserveError
-from service.errors import BadRequestError, NotFoundError, NotReadyError
-from service.repository import Repository, default_version, parse_version
-from service.runtime import ModelRuntime
 
 log = logging.getLogger("bnserve.service")
 
@@ -129,7 +130,7 @@ class ModelRegistry:
     def _apply_state(
         self, state: dict[str, Any], device: str, intra_op_threads: int, output_kind: str
     ) -> None:
-        from service.reload import repository_of
+        from bnserve.service.reload import repository_of
 
         if state["generation"] <= self.generation:  # already applied, or an older read
             return

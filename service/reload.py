@@ -19,9 +19,9 @@ So:
 - A reload is a request in a queue (`RUNTIME_DIR/reloads.json`): SIGHUP in the master queues "every
   model, and the tokens"; `POST /v2/repository/models/{m}/load|unload` in a worker queues that
   model and waits for its ticket. The master starts one runner process (`python -m
-  service.reload RUNTIME_DIR`) when requests are pending and none runs; the runner takes every
+  bnserve.service.reload RUNTIME_DIR`) when requests are pending and none runs; the runner takes every
   pending request at once (20 SIGHUPs or 100 load calls cost one pass), copies the changed files,
-  validates the copies in a probe child (`service.probe`: load and warm up, as a worker would),
+  validates the copies in a probe child (`bnserve.service.probe`: load and warm up, as a worker would),
   compares their signature with the served one, and only when all of that passes writes the new
   state. A bad candidate is logged, counted in `bnserve_model_reloads_total`, and leaves every
   worker on the last good model. The master itself only appends to a file and starts a process.
@@ -47,10 +47,10 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from bnserve.service.config import ServiceConfig
+from bnserve.service.repository import Repository, find_models
 
 from bnserve.errors import BnserveError
-from service.config import ServiceConfig
-from service.repository import Repository, find_models
 
 log = logging.getLogger("bnserve.service")
 
@@ -363,7 +363,7 @@ def _merge(pending: list[dict[str, Any]], served: list[str]) -> tuple[dict[str, 
 def _run_job(
     store: ModelStore, config: ServiceConfig, pending: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    from service.metrics import get_metrics
+    from bnserve.service.metrics import get_metrics
 
     metrics = get_metrics()
     state = store.read()
@@ -433,7 +433,7 @@ def _reload_tokens(store: ModelStore, config: ServiceConfig, results: dict[str, 
     """Re-read --token-file; a bad file keeps the last good tokens (logged), never opens up."""
     if not config.token_file:
         return None
-    from service.auth import read_tokens
+    from bnserve.service.auth import read_tokens
 
     try:
         tokens = read_tokens(config.token_file)
@@ -454,7 +454,7 @@ def _load_candidate(
     allow: bool,
 ) -> dict[str, Any] | None:
     """The new state entries of model `name`, None when nothing changed; raises ReloadError."""
-    from service.probe import probe_models
+    from bnserve.service.probe import probe_models
 
     if name not in found:
         raise ReloadError(f"model {name!r} is not in {config.model}")
@@ -518,8 +518,8 @@ def _hashes(versions: dict[str, Any]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m service.reload RUNTIME_DIR`: the runner the gunicorn master starts."""
-    from service.cli import configure_logging
+    """`python -m bnserve.service.reload RUNTIME_DIR`: the runner the gunicorn master starts."""
+    from bnserve.service.cli import configure_logging
 
     args = sys.argv[1:] if argv is None else argv
     store = ModelStore(args[0])

@@ -10,21 +10,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, current_app, request
-
-import bnserve
-from service.body import JsonBudget, dumps, json_type, parse_json_object, read_body
-from service.errors import BadRequestError, ForbiddenError, GatewayTimeoutError
-from service.registry import ModelRegistry, ModelVersions
-from service.repository import find_models
-from service.runtime import ModelRuntime
-from service.v2_tensors import (
+from bnserve.service.body import JsonBudget, dumps, json_type, parse_json_object, read_body
+from bnserve.service.errors import BadRequestError, ForbiddenError, GatewayTimeoutError
+from bnserve.service.registry import ModelRegistry, ModelVersions
+from bnserve.service.repository import find_models
+from bnserve.service.runtime import ModelRuntime
+from bnserve.service.v2_tensors import (
     check_parameters,
     classify,
     datatype_of,
     decode_input,
     encode_output,
 )
+from flask import Blueprint, Response, current_app, request
+
+import bnserve
 
 PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
@@ -276,7 +276,7 @@ def control_model(action: str, name: str) -> dict[str, Any]:
     """`POST /v2/repository/models/{name}/load|unload`: queue it for the reload runner (the
     gunicorn master starts it), wait for the result, switch this worker at once (the others
     before their next request)."""
-    from service.reload import ReloadError
+    from bnserve.service.reload import ReloadError
 
     config = current_app.extensions["bnserve.config"]
     if config.model_control != "explicit":

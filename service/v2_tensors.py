@@ -13,9 +13,8 @@ import struct
 from typing import Any
 
 import numpy as np
-
-from service.body import json_type
-from service.errors import BadRequestError, PayloadTooLargeError
+from bnserve.service.body import json_type
+from bnserve.service.errors import BadRequestError, PayloadTooLargeError
 
 # Protocol datatype -> little-endian numpy dtype (BYTES and BOOL are not model inputs here).
 NUMERIC_DATATYPES: dict[str, np.dtype] = {

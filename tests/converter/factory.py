@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-
-from models.checkpoint import Checkpoint, save_checkpoint
-from models.network import NetworkSpec, init_params
+from bnserve.models.checkpoint import Checkpoint, save_checkpoint
+from bnserve.models.network import NetworkSpec, init_params
 
 
 @dataclass(frozen=True)

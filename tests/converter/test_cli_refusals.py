@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from bnserve.models.checkpoint import save_checkpoint
 
 from bnserve.cli import main
-from models.checkpoint import save_checkpoint
 from tests.conftest import run_cli
 from tests.converter.factory import NetConfig, random_checkpoint, write_checkpoint
 
@@ -73,7 +73,7 @@ def test_refuses_output_path_that_is_a_directory(tmp_path):
 
 def test_parity_failure_exits_3_with_worst_row_and_leaves_nothing(tmp_path, monkeypatch, capsys):
     # A fold that forgets beta: the float64 check must catch it (in-process to inject the bug).
-    from converter import fold
+    from bnserve.converter import fold
 
     real = fold.fold_bn_into_preceding_linear
 

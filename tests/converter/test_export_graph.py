@@ -9,11 +9,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from bnserve.converter import export
+from bnserve.converter.convert import convert_checkpoint
+from bnserve.models.checkpoint import load_checkpoint
+from bnserve.models.network import logits_eval
 
-from converter import export
-from converter.convert import convert_checkpoint
-from models.checkpoint import load_checkpoint
-from models.network import logits_eval
 from tests.converter.factory import NetConfig, raw_inputs, run_onnx, write_checkpoint
 
 FOLDED_OPS = {"Gemm", "Relu", "LeakyRelu", "Tanh", "Sigmoid", "Softmax"}

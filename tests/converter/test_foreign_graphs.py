@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from bnserve.converter import foreign
+from bnserve.converter.convert import convert_checkpoint
+from bnserve.converter.verify import run_model
 from onnx import TensorProto, helper, numpy_helper
 
 from bnserve.errors import ModelError
-from converter import foreign
-from converter.convert import convert_checkpoint
-from converter.verify import run_model
 from tests.converter.factory import NetConfig, write_checkpoint
 
 F, H, K = 4, 5, 3

@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-
-from converter.foreign import fold_onnx_file
-from converter.verify import run_model
+from bnserve.converter.foreign import fold_onnx_file
+from bnserve.converter.verify import run_model
 
 torch = pytest.importorskip("torch")
 nn = torch.nn

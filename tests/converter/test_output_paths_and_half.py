@@ -7,11 +7,11 @@ import os
 
 import numpy as np
 import onnx
+from bnserve.converter import foreign
+from bnserve.converter.verify import run_model
 from onnx import TensorProto, helper, numpy_helper
 
 from bnserve.cli import main
-from converter import foreign
-from converter.verify import run_model
 from tests.converter.factory import NetConfig, write_checkpoint
 from tests.converter.test_foreign_cli import _model
 
@@ -84,8 +84,9 @@ def test_float16_model_folds_within_its_own_precision(tmp_path):
 def test_logits_gate_accepts_float32_noise_but_not_a_shifted_fold(tmp_path, monkeypatch):
     import dataclasses
 
+    from bnserve.converter import convert
+
     from bnserve.errors import ParityError
-    from converter import convert
 
     # An ill-conditioned network whose fold is exact in float64: its probabilities always passed,
     # its logits were refused (1.2e-3 > 2 x the unfolded error 4.8e-4) until the logits got the

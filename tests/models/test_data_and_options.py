@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bnserve.models.checkpoint import load_checkpoint
+from bnserve.models.data import load_dataset
+from bnserve.models.tune import CSV_FIELDS, SearchSpace, _csv_row, read_trials, search
 
 from bnserve.cli import main
-from models.checkpoint import load_checkpoint
-from models.data import load_dataset
-from models.tune import CSV_FIELDS, SearchSpace, _csv_row, read_trials, search
 
 FAST = ["--epochs", "1", "--hidden", "4", "--quiet"]
 
@@ -174,7 +174,7 @@ def test_evaluate_uses_the_label_column_of_training(tmp_path):
 
 
 def test_divergence_without_validation_keeps_the_last_finite_epoch(monkeypatch):
-    import models.train as train_module
+    import bnserve.models.train as train_module
 
     calls = iter([False, False, True])
     monkeypatch.setattr(train_module, "diverging", lambda *a: next(calls))

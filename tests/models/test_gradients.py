@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from models import layers
-from models.network import NetworkSpec, init_params, loss_and_grads, trainable_names
+from bnserve.models import layers
+from bnserve.models.network import NetworkSpec, init_params, loss_and_grads, trainable_names
 
 H = 1e-6
 TOLERANCE = 1e-6

@@ -8,10 +8,10 @@ import math
 
 import numpy as np
 import pytest
+from bnserve.models.checkpoint import load_checkpoint
+from bnserve.models.metrics import classification_report
+from bnserve.models.tune import SearchSpace, read_trials, sample, search, shrink
 
-from models.checkpoint import load_checkpoint
-from models.metrics import classification_report
-from models.tune import SearchSpace, read_trials, sample, search, shrink
 from tests.conftest import run_cli
 
 
@@ -36,7 +36,7 @@ def test_metrics_match_scikit_learn():
 
 
 def test_evaluate_cli_matches_the_checkpoint(iris_run, tmp_path):
-    from models.data import load_dataset
+    from bnserve.models.data import load_dataset
 
     result = run_cli(
         "evaluate",
@@ -72,7 +72,7 @@ def test_evaluate_errors(iris_run, tmp_path):
 
 
 def test_evaluate_csv_with_reordered_columns(iris_run, tmp_path):
-    from models.data import load_dataset
+    from bnserve.models.data import load_dataset
 
     data = load_dataset("sklearn:iris")
     names = list(reversed(data.feature_names))

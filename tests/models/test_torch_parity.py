@@ -7,8 +7,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from models.network import NetworkSpec, forward_train, init_params, loss_and_grads  # noqa: E402
-from models.optim import Adam  # noqa: E402
+from bnserve.models.network import NetworkSpec, forward_train, init_params, loss_and_grads  # noqa: E402
+from bnserve.models.optim import Adam  # noqa: E402
 
 TORCH_ACTIVATIONS = {
     "relu": lambda slope: torch.nn.ReLU(),

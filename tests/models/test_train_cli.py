@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
+from bnserve.models.checkpoint import load_checkpoint
 
-from models.checkpoint import load_checkpoint
 from tests.conftest import run_cli
 
 
@@ -41,7 +41,7 @@ def test_outputs_and_metrics(iris_run):
 
 def test_checkpoint_round_trip_reproduces_metrics(iris_run):
     """Re-evaluating the saved checkpoint gives the recorded train accuracy (same data, same seed)."""
-    from models.data import load_dataset, stratified_split
+    from bnserve.models.data import load_dataset, stratified_split
 
     ckpt = load_checkpoint(iris_run / "checkpoint.npz")
     data = load_dataset("sklearn:iris")
@@ -163,8 +163,9 @@ def test_corrupt_truncated_and_newer_checkpoints_fail_clearly(iris_run, tmp_path
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"not a zip file at all")
+    from bnserve.models.checkpoint import Checkpoint, save_checkpoint
+
     from bnserve.errors import CheckpointError
-    from models.checkpoint import Checkpoint, save_checkpoint
 
     for path in (truncated, garbage):
         with pytest.raises(CheckpointError, match="corrupt or truncated"):
@@ -172,7 +173,7 @@ def test_corrupt_truncated_and_newer_checkpoints_fail_clearly(iris_run, tmp_path
     ckpt = load_checkpoint(good)
     newer = tmp_path / "newer.npz"
     save_checkpoint(ckpt, newer)
-    import models.checkpoint as cp
+    import bnserve.models.checkpoint as cp
 
     old = cp.FORMAT_VERSION
     try:
@@ -211,7 +212,8 @@ def test_outputs_are_readable_by_others(iris_run):
 
 
 def test_non_integer_format_version_is_invalid_not_newer(iris_run, tmp_path):
-    import models.checkpoint as cp
+    import bnserve.models.checkpoint as cp
+
     from bnserve.errors import CheckpointError
 
     ckpt = load_checkpoint(iris_run / "checkpoint.npz")

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from models import layers
-from models.data import Dataset
-from models.network import NetworkSpec, hidden_forward_eval, init_params
-from models.optim import Momentum, RMSprop, make_optimizer, scheduled_lr
-from models.train import TrainConfig, minibatches, population_statistics, standardization, train
+from bnserve.models import layers
+from bnserve.models.data import Dataset
+from bnserve.models.network import NetworkSpec, hidden_forward_eval, init_params
+from bnserve.models.optim import Momentum, RMSprop, make_optimizer, scheduled_lr
+from bnserve.models.train import (
+    TrainConfig,
+    minibatches,
+    population_statistics,
+    standardization,
+    train,
+)
 
 # Seed 2 is the documented seed of the digits learning check (the README quotes it). Across seeds
 # 0-5 the default configuration lands between 0.964 and 0.992, like an equivalent PyTorch model

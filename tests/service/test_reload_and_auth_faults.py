@@ -197,7 +197,7 @@ def _runner_alive(server: LiveServer) -> bool:
     children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text()
     for pid in children.split():
         try:
-            if b"service.reload" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            if b"bnserve.service.reload" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 return True
         except OSError:
             continue

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bnserve.service.cli import config_from_args, predict_main
+from bnserve.service.config import cgroup_cpu_limit, default_workers
+from bnserve.service.gunicorn_conf import gunicorn_settings
 
 from bnserve import up
 from bnserve.cli import main
 from bnserve.errors import UsageError
-from service.cli import config_from_args, predict_main
-from service.config import cgroup_cpu_limit, default_workers
-from service.gunicorn_conf import gunicorn_settings
 from tests.service.support import FEATURE_NAMES, LABELS, build_mlp_classifier, reference_run
 
 
@@ -89,7 +89,10 @@ def test_bad_environment_values_name_the_variable(
 def test_gunicorn_settings(clean_env: pytest.MonkeyPatch) -> None:
     settings = gunicorn_settings(config_from_args(["m.onnx", "--workers", "2", "--host", "::1"]))
     assert settings["bind"] == ["[::1]:8000"]
-    assert (settings["workers"], settings["worker_class"]) == (2, "service.workers.GeventWorker")
+    assert (settings["workers"], settings["worker_class"]) == (
+        2,
+        "bnserve.service.workers.GeventWorker",
+    )
     assert (settings["keepalive"], settings["worker_connections"]) == (5, 1000)
     assert settings["preload_app"] is False
     assert settings["control_socket_disable"] is True

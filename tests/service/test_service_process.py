@@ -38,7 +38,8 @@ def test_the_master_does_not_import_onnxruntime() -> None:
     """onnxruntime state inherited through fork made workers hang at exit for the whole
     graceful timeout; the master process must only ever import the light modules."""
     code = (
-        "import sys, service.cli, service.gunicorn_conf, service.probe, service.repository;"
+        "import sys, bnserve.service.cli, bnserve.service.gunicorn_conf, bnserve.service.probe, "
+        "bnserve.service.repository, bnserve.service.reload;"
         "print(sorted(m for m in ('onnxruntime', 'onnx', 'flask') if m in sys.modules))"
     )
     out = subprocess.run(

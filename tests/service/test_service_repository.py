@@ -6,10 +6,10 @@ import logging
 from pathlib import Path
 
 import pytest
+from bnserve.service.registry import ModelRegistry
+from bnserve.service.repository import default_version, find_models, parse_version
 
 from bnserve.errors import ModelError
-from service.registry import ModelRegistry
-from service.repository import default_version, find_models, parse_version
 from tests.service.support import build_mlp_classifier
 
 
@@ -115,7 +115,7 @@ def test_concurrent_switches_load_a_changed_model_once(
     import threading
     import time
 
-    from service.runtime import ModelRuntime
+    from bnserve.service.runtime import ModelRuntime
 
     old = build_mlp_classifier(tmp_path / "old.onnx", seed=1)
     new = build_mlp_classifier(tmp_path / "new.onnx", seed=2)
