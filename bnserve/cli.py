@@ -11,34 +11,19 @@ import sys
 
 from bnserve.errors import BnserveError
 
-# subcommand -> ("module", "function", one-line help). The function takes argv and returns an exit code.
+# subcommand -> ("module under bnserve", "function", one-line help). The function takes argv and
+# returns an exit code.
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "train": ("bnserve.models.cli", "train_main", "train a BN MLP and write a checkpoint"),
-    "evaluate": ("bnserve.models.cli", "evaluate_main", "evaluate a checkpoint on a data set"),
-    "tune": ("bnserve.models.cli", "tune_main", "random hyperparameter search, coarse to fine"),
-    "compare": (
-        "bnserve.models.cli",
-        "compare_main",
-        "train with BN before/after/none and compare",
-    ),
-    "convert": (
-        "bnserve.converter.cli",
-        "convert_main",
-        "fold a checkpoint into a verified ONNX model",
-    ),
-    "fold": (
-        "bnserve.converter.cli",
-        "fold_main",
-        "fold BN in an ONNX model from another framework",
-    ),
-    "inspect": ("bnserve.converter.cli", "inspect_main", "show an ONNX model's graph and metadata"),
-    "serve": ("bnserve.service.cli", "serve_main", "serve an ONNX model over HTTP with gunicorn"),
-    "predict": (
-        "bnserve.service.cli",
-        "predict_main",
-        "score a CSV / npz file offline with a model",
-    ),
-    "up": ("bnserve.up", "up_main", "train the default model if needed, convert it and serve it"),
+    "train": ("models.cli", "train_main", "train a BN MLP and write a checkpoint"),
+    "evaluate": ("models.cli", "evaluate_main", "evaluate a checkpoint on a data set"),
+    "tune": ("models.cli", "tune_main", "random hyperparameter search, coarse to fine"),
+    "compare": ("models.cli", "compare_main", "train with BN before/after/none and compare"),
+    "convert": ("converter.cli", "convert_main", "fold a checkpoint into a verified ONNX model"),
+    "fold": ("converter.cli", "fold_main", "fold BN in an ONNX model from another framework"),
+    "inspect": ("converter.cli", "inspect_main", "show an ONNX model's graph and metadata"),
+    "serve": ("service.cli", "serve_main", "serve an ONNX model over HTTP with gunicorn"),
+    "predict": ("service.cli", "predict_main", "score a CSV / npz file offline with a model"),
+    "up": ("up", "up_main", "train the default model if needed, convert it and serve it"),
 }
 
 
@@ -64,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name, function_name, _ = COMMANDS[name]
     try:
-        module = importlib.import_module(module_name)
+        module = importlib.import_module(f"bnserve.{module_name}")
         function = getattr(module, function_name, None)
         if function is None:
             print(f"bnserve: command {name!r} is not available in this version", file=sys.stderr)
