@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+
 from bnserve.converter.convert import convert_checkpoint
 from bnserve.models.checkpoint import Checkpoint, save_checkpoint
 from bnserve.models.network import NetworkSpec, init_params

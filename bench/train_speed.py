@@ -16,9 +16,10 @@ import time
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_info, threadpool_limits
+
 from bnserve.models.network import NetworkSpec, init_params, loss_and_grads
 from bnserve.models.optim import Adam
-from threadpoolctl import threadpool_info, threadpool_limits
 
 NETWORKS = {
     "small": dict(n_features=64, hidden=(100, 100, 100), n_classes=10, batch=100),

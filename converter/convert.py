@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bnserve.atomic import check_output_dir
 from bnserve.converter import export, verify
 from bnserve.converter.freeze import freeze_checkpoint
 from bnserve.converter.frozen import (
@@ -26,12 +28,10 @@ from bnserve.converter.frozen import (
     folded_probabilities,
     unfolded_report,
 )
+from bnserve.errors import ModelError, ParityError, UsageError
 from bnserve.models.checkpoint import Checkpoint, file_sha256, load_checkpoint
 from bnserve.models.layers import softmax
 from bnserve.models.network import logits_eval
-
-from bnserve.atomic import check_output_dir
-from bnserve.errors import ModelError, ParityError, UsageError
 
 
 @dataclass

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 import onnx
-from bnserve.converter.frozen import FoldedMLP, FrozenMLP
 from onnx import TensorProto, helper, numpy_helper
 
 from bnserve import __version__
+from bnserve.converter.frozen import FoldedMLP, FrozenMLP
 from bnserve.errors import ModelError
 
 # 21 is the newest opset onnxruntime 1.18 (the floor in pyproject.toml) runs, so a converted file

@@ -31,12 +31,12 @@ from typing import Any
 
 import numpy as np
 import onnx
-from bnserve.converter import export, fold, verify
-from bnserve.converter.inspect import load_model
 from onnx import helper, numpy_helper
 
 from bnserve import __version__
 from bnserve.atomic import atomic_path, check_output_path, write_text_atomic
+from bnserve.converter import export, fold, verify
+from bnserve.converter.inspect import load_model
 from bnserve.errors import BnserveError, ModelError, ParityError, UsageError
 
 Array = np.ndarray

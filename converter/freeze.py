@@ -8,10 +8,10 @@ Training-mode behaviour cannot reach the export: only the chosen frozen statisti
 from __future__ import annotations
 
 import numpy as np
-from bnserve.converter.frozen import FrozenBN, FrozenLayer, FrozenMLP
-from bnserve.models.checkpoint import Checkpoint
 
+from bnserve.converter.frozen import FrozenBN, FrozenLayer, FrozenMLP
 from bnserve.errors import CheckpointError
+from bnserve.models.checkpoint import Checkpoint
 
 
 def _checked(params: dict[str, np.ndarray], name: str) -> np.ndarray:

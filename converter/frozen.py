@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from bnserve.converter import fold
 from bnserve.models.layers import activation_eval, softmax
 

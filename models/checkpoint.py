@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bnserve.models.network import NetworkSpec, Params, expected_shapes, predict_proba
 
 from bnserve.atomic import atomic_path
 from bnserve.errors import CheckpointError
+from bnserve.models.network import NetworkSpec, Params, expected_shapes, predict_proba
 
 FORMAT_NAME = "bnserve-checkpoint"
 FORMAT_VERSION = 1

@@ -141,10 +141,11 @@ def history_csv(history: list[dict[str, float]]) -> str:
 def train_main(argv: list[str]) -> int:
     for module in ("tqdm", "matplotlib"):
         require_extra(module, "train", "train")
+    from tqdm import tqdm
+
     from bnserve.models.checkpoint import save_checkpoint
     from bnserve.models.plots import plot_curves
     from bnserve.models.train import train
-    from tqdm import tqdm
 
     args = train_parser().parse_args(argv)
     config = build_config(args)
@@ -298,11 +299,12 @@ def tune_main(argv: list[str]) -> int:
     import math
     import os
 
+    from tqdm import tqdm
+
     from bnserve.models.data import load_dataset
     from bnserve.models.plots import plot_search
     from bnserve.models.train import TrainConfig
     from bnserve.models.tune import SearchSpace, search, write_best
-    from tqdm import tqdm
 
     p = _Parser(prog="bnserve tune", description="Random hyperparameter search, coarse to fine.")
     _study_options(p, epochs=30)
@@ -418,11 +420,12 @@ def compare_main(argv: list[str]) -> int:
         require_extra(module, "train", "compare")
     import os
 
+    from tqdm import tqdm
+
     from bnserve.models.compare import compare
     from bnserve.models.data import load_dataset
     from bnserve.models.plots import plot_compare
     from bnserve.models.train import TrainConfig
-    from tqdm import tqdm
 
     p = _Parser(
         prog="bnserve compare",

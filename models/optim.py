@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
 from bnserve.models.network import Params
 
 OPTIMIZERS = ("sgd", "momentum", "rmsprop", "adam")

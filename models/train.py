@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
+
+from bnserve.errors import DataError
 from bnserve.models import layers
 from bnserve.models.checkpoint import Checkpoint
 from bnserve.models.data import Dataset, fingerprint, load_dataset, load_for_model, stratified_split
@@ -27,8 +29,6 @@ from bnserve.models.network import (
     loss_and_grads,
 )
 from bnserve.models.optim import OPTIMIZERS, SCHEDULES, make_optimizer, scheduled_lr
-
-from bnserve.errors import DataError
 
 DTYPES = {"float64": np.float64, "float32": np.float32}
 

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bnserve.models.train import TrainConfig
 
 from bnserve.errors import BnserveError, UsageError
+from bnserve.models.train import TrainConfig
 
 CSV_FIELDS = [
     "trial", "round", "seed", "lr", "beta1", "weight_decay", "hidden", "batch_size", "bn",

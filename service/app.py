@@ -12,6 +12,8 @@ import logging
 from typing import Any
 
 import orjson
+from flask import Flask, request
+
 from bnserve.service import simple_api, v2
 from bnserve.service.auth import BearerAuth, read_tokens
 from bnserve.service.config import ServiceConfig
@@ -22,7 +24,6 @@ from bnserve.service.openapi import openapi_document
 from bnserve.service.registry import ModelRegistry
 from bnserve.service.reload import ModelStore
 from bnserve.service.repository import find_models
-from flask import Flask, request
 
 log = logging.getLogger("bnserve.service")
 

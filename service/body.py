@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from bnserve.service.errors import BadRequestError, PayloadTooLargeError, RequestTimeoutError
 from gunicorn.http.errors import NoMoreData, ParseException
+
+from bnserve.service.errors import BadRequestError, PayloadTooLargeError, RequestTimeoutError
 
 # How much of an over-limit body is read and thrown away before answering 413: reading it lets
 # the client receive the answer instead of a connection reset; beyond this the server stops.

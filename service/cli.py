@@ -17,10 +17,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from bnserve.errors import UsageError
 from bnserve.service.config import DEVICES, OUTPUT_KINDS, ServiceConfig
 from bnserve.service.options import SERVE_OPTIONS, build_parser, positive_int, resolve
-
-from bnserve.errors import UsageError
 
 log = logging.getLogger("bnserve.service")
 

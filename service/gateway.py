@@ -28,14 +28,14 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
+
+from bnserve.errors import BnserveError
 from bnserve.service.auth import BearerAuth
 from bnserve.service.body import TimedInput, read_body
 from bnserve.service.config import ServiceConfig
 from bnserve.service.registry import ModelRegistry
 from bnserve.service.simple_api import predict_body
 from bnserve.service.v2 import infer
-
-from bnserve.errors import BnserveError
 
 log = logging.getLogger("bnserve.service")
 

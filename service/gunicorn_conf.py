@@ -16,10 +16,11 @@ import time
 from typing import Any
 
 import orjson
-from bnserve.service.config import ServiceConfig
-from bnserve.service.repository import Repository
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
+
+from bnserve.service.config import ServiceConfig
+from bnserve.service.repository import Repository
 
 log = logging.getLogger("bnserve.service")
 

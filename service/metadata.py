@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-from bnserve.service.config import OUTPUT_KINDS
 
 from bnserve.errors import ModelError
+from bnserve.service.config import OUTPUT_KINDS
 
 #: The newest `bnserve.format_version` this service understands.
 SUPPORTED_FORMAT_VERSION = 1

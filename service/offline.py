@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from bnserve.service.runtime import ModelRuntime
 
 from bnserve.atomic import atomic_path
 from bnserve.errors import DataError, UsageError
+from bnserve.service.runtime import ModelRuntime
 
 
 def read_features(path: Path, runtime: ModelRuntime) -> np.ndarray:

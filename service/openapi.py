@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import bnserve
 from bnserve.service.config import ServiceConfig
 from bnserve.service.registry import ModelRegistry
-
-import bnserve
 
 JSON = "application/json"
 

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import bnserve
+from bnserve.errors import UsageError
 from bnserve.service.config import (
     DEVICES,
     LOG_LEVELS,
@@ -22,9 +24,6 @@ from bnserve.service.config import (
     WORKER_CLASSES,
     default_workers,
 )
-
-import bnserve
-from bnserve.errors import UsageError
 
 _DAY = 86400.0
 

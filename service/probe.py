@@ -15,9 +15,8 @@ import subprocess
 import sys
 from typing import Any
 
-from bnserve.service.config import ServiceConfig
-
 from bnserve.errors import ModelError
+from bnserve.service.config import ServiceConfig
 
 _MARKER = "BNSERVE_PROBE "
 

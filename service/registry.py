@@ -12,11 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bnserve.errors import BnserveError
 from bnserve.service.errors import BadRequestError, NotFoundError, NotReadyError
 from bnserve.service.repository import Repository, default_version, parse_version
 from bnserve.service.runtime import ModelRuntime
-
-from bnserve.errors import BnserveError
 
 log = logging.getLogger("bnserve.service")
 

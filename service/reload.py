@@ -47,10 +47,10 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from bnserve.service.config import ServiceConfig
-from bnserve.service.repository import Repository, find_models
 
 from bnserve.errors import BnserveError
+from bnserve.service.config import ServiceConfig
+from bnserve.service.repository import Repository, find_models
 
 log = logging.getLogger("bnserve.service")
 

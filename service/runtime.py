@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from bnserve.service.config import DEVICES
-from bnserve.service.metadata import ModelInfo, load_info
 
 from bnserve.errors import ModelError
+from bnserve.service.config import DEVICES
+from bnserve.service.metadata import ModelInfo, load_info
 
 log = logging.getLogger("bnserve.service")
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from flask import Blueprint, Response, current_app, request
+
 from bnserve.service.body import JsonBudget, dumps, json_type, parse_json_object, read_body
 from bnserve.service.errors import BadRequestError, PayloadTooLargeError
 from bnserve.service.registry import ModelRegistry
 from bnserve.service.runtime import ModelRuntime
-from flask import Blueprint, Response, current_app, request
 
 EXAMPLE = '{"features": [f1, ..., fF]} or {"instances": [[...], ...]}'
 _NUMBER_TYPES = (int, float)

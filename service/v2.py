@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from flask import Blueprint, Response, current_app, request
+
+import bnserve
 from bnserve.service.body import JsonBudget, dumps, json_type, parse_json_object, read_body
 from bnserve.service.errors import BadRequestError, ForbiddenError, GatewayTimeoutError
 from bnserve.service.registry import ModelRegistry, ModelVersions
@@ -22,9 +25,6 @@ from bnserve.service.v2_tensors import (
     decode_input,
     encode_output,
 )
-from flask import Blueprint, Response, current_app, request
-
-import bnserve
 
 PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]

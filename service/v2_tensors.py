@@ -13,6 +13,7 @@ import struct
 from typing import Any
 
 import numpy as np
+
 from bnserve.service.body import json_type
 from bnserve.service.errors import BadRequestError, PayloadTooLargeError
 

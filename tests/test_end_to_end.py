@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import requests
 import tritonclient.http as triton
+
 from bnserve.models.checkpoint import load_checkpoint
 from bnserve.models.data import load_dataset
-
 from tests.conftest import run_cli
 from tests.service.support import reference_run, start_server, stop_server
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
 from bnserve.models.checkpoint import Checkpoint, save_checkpoint
 from bnserve.models.network import NetworkSpec, init_params
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from bnserve.models.checkpoint import save_checkpoint
 
 from bnserve.cli import main
+from bnserve.models.checkpoint import save_checkpoint
 from tests.conftest import run_cli
 from tests.converter.factory import NetConfig, random_checkpoint, write_checkpoint
 

@@ -22,12 +22,12 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from bnserve.converter import verify
-from bnserve.converter.convert import convert_checkpoint
-from bnserve.models.checkpoint import load_checkpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bnserve.converter import verify
+from bnserve.converter.convert import convert_checkpoint
+from bnserve.models.checkpoint import load_checkpoint
 from tests.converter.factory import NetConfig, run_onnx, write_checkpoint
 
 PROPERTY = settings(

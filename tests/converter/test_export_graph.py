@@ -8,12 +8,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
+
 from bnserve.converter import export
 from bnserve.converter.convert import convert_checkpoint
 from bnserve.models.checkpoint import load_checkpoint
 from bnserve.models.network import logits_eval
-
 from tests.converter.factory import NetConfig, raw_inputs, run_onnx, write_checkpoint
 
 FOLDED_OPS = {"Gemm", "Relu", "LeakyRelu", "Tanh", "Sigmoid", "Softmax"}
@@ -129,8 +128,14 @@ def test_same_per_row_outputs_for_batch_sizes_1_2_7_1024(ckpt_path: Path, tmp_pa
         assert (rows.argmax(1) == full[:n].argmax(1)).all()
 
 
-def _torch_model(ckpt) -> torch.nn.Sequential:
+def _torch():
+    """torch, or a skip saying why: it is a test-only extra (`pip install torch==2.13.0`)."""
+    return pytest.importorskip("torch", reason="torch is not installed (test extra: torch==2.13.0)")
+
+
+def _torch_model(ckpt) -> torch.nn.Sequential:  # noqa: F821 (torch is imported lazily)
     """The checkpoint's network in torch, eval mode, weights copied (W [in, out] -> weight [out, in])."""
+    torch = _torch()
     spec, p = ckpt.spec, ckpt.params
     act = {
         "relu": torch.nn.ReLU,
@@ -168,6 +173,7 @@ def _torch_model(ckpt) -> torch.nn.Sequential:
 
 
 def _torch_probs(ckpt, X: np.ndarray) -> np.ndarray:
+    torch = _torch()
     Xs = (X.astype(np.float64) - ckpt.params["input.mean"]) / ckpt.params["input.std"]
     with torch.no_grad():
         return _torch_model(ckpt)(torch.tensor(Xs)).numpy()

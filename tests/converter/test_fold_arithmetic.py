@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from bnserve.converter import fold
-from bnserve.models.layers import batchnorm_forward_eval
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from bnserve.converter import fold
+from bnserve.models.layers import batchnorm_forward_eval
 
 SETTINGS = settings(max_examples=60, deadline=None)
 

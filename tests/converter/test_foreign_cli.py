@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from bnserve.converter import foreign
 from onnx import helper
 
 from bnserve.cli import main
+from bnserve.converter import foreign
 from tests.conftest import run_cli
 from tests.converter.test_foreign_graphs import F, H, K, arr, bn_inits, bn_node, make_model
 

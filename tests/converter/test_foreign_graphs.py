@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
+
 from bnserve.converter import foreign
 from bnserve.converter.convert import convert_checkpoint
 from bnserve.converter.verify import run_model
-from onnx import TensorProto, helper, numpy_helper
-
 from bnserve.errors import ModelError
 from tests.converter.factory import NetConfig, write_checkpoint
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+
 from bnserve.converter.foreign import fold_onnx_file
 from bnserve.converter.verify import run_model
 

@@ -7,11 +7,11 @@ import os
 
 import numpy as np
 import onnx
-from bnserve.converter import foreign
-from bnserve.converter.verify import run_model
 from onnx import TensorProto, helper, numpy_helper
 
 from bnserve.cli import main
+from bnserve.converter import foreign
+from bnserve.converter.verify import run_model
 from tests.converter.factory import NetConfig, write_checkpoint
 from tests.converter.test_foreign_cli import _model
 
@@ -85,7 +85,6 @@ def test_logits_gate_accepts_float32_noise_but_not_a_shifted_fold(tmp_path, monk
     import dataclasses
 
     from bnserve.converter import convert
-
     from bnserve.errors import ParityError
 
     # An ill-conditioned network whose fold is exact in float64: its probabilities always passed,

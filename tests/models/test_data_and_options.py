@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from bnserve.cli import main
 from bnserve.models.checkpoint import load_checkpoint
 from bnserve.models.data import load_dataset
 from bnserve.models.tune import CSV_FIELDS, SearchSpace, _csv_row, read_trials, search
-
-from bnserve.cli import main
 
 FAST = ["--epochs", "1", "--hidden", "4", "--quiet"]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from bnserve.models import layers
 from bnserve.models.network import NetworkSpec, init_params, loss_and_grads, trainable_names
 

@@ -8,10 +8,10 @@ import math
 
 import numpy as np
 import pytest
+
 from bnserve.models.checkpoint import load_checkpoint
 from bnserve.models.metrics import classification_report
 from bnserve.models.tune import SearchSpace, read_trials, sample, search, shrink
-
 from tests.conftest import run_cli
 
 

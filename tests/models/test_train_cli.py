@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
-from bnserve.models.checkpoint import load_checkpoint
 
+from bnserve.models.checkpoint import load_checkpoint
 from tests.conftest import run_cli
 
 
@@ -163,9 +163,8 @@ def test_corrupt_truncated_and_newer_checkpoints_fail_clearly(iris_run, tmp_path
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"not a zip file at all")
-    from bnserve.models.checkpoint import Checkpoint, save_checkpoint
-
     from bnserve.errors import CheckpointError
+    from bnserve.models.checkpoint import Checkpoint, save_checkpoint
 
     for path in (truncated, garbage):
         with pytest.raises(CheckpointError, match="corrupt or truncated"):
@@ -213,7 +212,6 @@ def test_outputs_are_readable_by_others(iris_run):
 
 def test_non_integer_format_version_is_invalid_not_newer(iris_run, tmp_path):
     import bnserve.models.checkpoint as cp
-
     from bnserve.errors import CheckpointError
 
     ckpt = load_checkpoint(iris_run / "checkpoint.npz")

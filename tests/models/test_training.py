@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from bnserve.models import layers
 from bnserve.models.data import Dataset
 from bnserve.models.network import NetworkSpec, hidden_forward_eval, init_params

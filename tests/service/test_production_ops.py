@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import requests
+from openapi_spec_validator import validate
+
 from bnserve.service.app import create_app
 from bnserve.service.cli import config_from_args
 from bnserve.service.gunicorn_conf import gunicorn_settings
-from openapi_spec_validator import validate
-
 from tests.service.production import BODY, metrics, sample, wait_for
 from tests.service.support import LiveServer, build_mlp_classifier, start_server, stop_server
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bnserve.service.cli import config_from_args, predict_main
-from bnserve.service.config import cgroup_cpu_limit, default_workers
-from bnserve.service.gunicorn_conf import gunicorn_settings
 
 from bnserve import up
 from bnserve.cli import main
 from bnserve.errors import UsageError
+from bnserve.service.cli import config_from_args, predict_main
+from bnserve.service.config import cgroup_cpu_limit, default_workers
+from bnserve.service.gunicorn_conf import gunicorn_settings
 from tests.service.support import FEATURE_NAMES, LABELS, build_mlp_classifier, reference_run
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from bnserve.service.runtime import ModelRuntime
 
+from bnserve.service.runtime import ModelRuntime
 from tests.service.support import build_mlp_classifier
 
 pytestmark = [

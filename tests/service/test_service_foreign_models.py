@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
+
 from bnserve.service.app import create_app
 from bnserve.service.offline import score
 from bnserve.service.runtime import ModelRuntime, softmax
-from onnx import TensorProto, helper, numpy_helper
-
 from tests.service.support import reference_run
 
 W = np.random.default_rng(3).normal(size=(5, 3)).astype(np.float32)

@@ -6,10 +6,10 @@ import logging
 from pathlib import Path
 
 import pytest
-from bnserve.service.registry import ModelRegistry
-from bnserve.service.repository import default_version, find_models, parse_version
 
 from bnserve.errors import ModelError
+from bnserve.service.registry import ModelRegistry
+from bnserve.service.repository import default_version, find_models, parse_version
 from tests.service.support import build_mlp_classifier
 
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from bnserve.service.metadata import load_info
-from bnserve.service.runtime import ModelRuntime, cuda_available, softmax
 from onnx import TensorProto, helper
 
 from bnserve.errors import ModelError
+from bnserve.service.metadata import load_info
+from bnserve.service.runtime import ModelRuntime, cuda_available, softmax
 from tests.service.support import build_foreign_logits, build_mlp_classifier, reference_run
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from bnserve.service.runtime import softmax
 
+from bnserve.service.runtime import softmax
 from tests.service.support import (
     FEATURE_NAMES,
     LABELS,
