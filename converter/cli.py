@@ -120,7 +120,8 @@ def fold_main(argv: list[str]) -> int:
             f"{rep['nodes_before']} -> {rep['nodes_after']} nodes\n"
             f"parity on {pr['probes']} probes vs the input model: max |diff| "
             f"{pr['max_abs_diff']:.3g} (allowed {pr['tolerance']:.3g}), "
-            f"argmax agreement {pr['argmax_agreement'] * 100:.2f}%"
+            f"argmax agreement {pr['argmax_agreement'] * 100:.2f}%\n"
+            f"reference: {pr['reference']}"
         )
         for b in rep["batchnorms"]:
             if b["status"] != "folded":

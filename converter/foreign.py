@@ -764,19 +764,47 @@ def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
-def _float64_outputs(model: onnx.ModelProto, X: Array) -> dict[str, Array] | None:
-    """The model run in float64, or None when onnxruntime lacks a double kernel it needs."""
+def _run_float64(model: onnx.ModelProto, X: Array) -> tuple[dict[str, Array], str]:
+    """`model` widened to float64 and run on `X`: in onnxruntime, or, where onnxruntime has no
+    double kernel for one of its operators, in onnx's own reference evaluator (numpy, every
+    operator in float64). Returns (outputs, the engine that ran them); raises when neither can."""
+    wide = to_float64(model)
+    x64 = X.astype(np.float64)
     try:
-        return verify.run_model(export.serialize(to_float64(model)), X.astype(np.float64))
-    except Exception:
-        return None
+        return verify.run_model(export.serialize(wide), x64), "onnxruntime"
+    except Exception as ort_error:
+        from onnx.reference import ReferenceEvaluator
+
+        try:
+            evaluator = ReferenceEvaluator(wide)
+            names = [o.name for o in wide.graph.output]
+            values = evaluator.run(names, {wide.graph.input[0].name: x64})
+        except Exception as ref_error:
+            raise RuntimeError(
+                f"onnxruntime: {type(ort_error).__name__}: {ort_error}; onnx.reference: "
+                f"{type(ref_error).__name__}: {ref_error}"
+            ) from None
+        return dict(zip(names, (np.asarray(v) for v in values), strict=True)), "onnx.reference"
+
+
+def _float64_outputs(
+    model: onnx.ModelProto, X: Array, warn: Callable[[str], None] | None = None
+) -> tuple[dict[str, Array] | None, str]:
+    """The model run in float64 and the engine used, or (None, why) when no engine can."""
+    try:
+        return _run_float64(model, X)
+    except Exception as exc:
+        reason = f"no float64 evaluation possible ({exc})"
+        if warn is not None:
+            warn(f"the parity reference falls back to float32: {reason}")
+        return None, reason
 
 
 def _check_fold_float64(original: onnx.ModelProto, X: Array, ref: dict[str, Array]) -> float:
     """The same fold applied to the float64 copy must reproduce it up to float64 rounding: then
     the fold is right and the folded float32 weights' rounding is admissible noise."""
     folded64 = fold_model(to_float64(original))[0]
-    out = verify.run_model(export.serialize(folded64), X.astype(np.float64))
+    out, _engine = _run_float64(folded64, X)
     worst = 0.0
     for name, value in ref.items():
         scale = max(1.0, float(np.max(np.abs(value), initial=0.0)))
@@ -790,10 +818,16 @@ def _check_fold_float64(original: onnx.ModelProto, X: Array, ref: dict[str, Arra
 
 
 def parity_gate(
-    original: onnx.ModelProto, folded: onnx.ModelProto, path: Path, X: Array, atol: float
+    original: onnx.ModelProto,
+    folded: onnx.ModelProto,
+    path: Path,
+    X: Array,
+    atol: float,
+    warn: Callable[[str], None] | None = None,
 ) -> verify.ParityResult:
     """Every output of the folded file at both onnxruntime optimization levels against the input
-    model run in float64 (the float32 input model when onnxruntime cannot run it in float64).
+    model run in float64: in onnxruntime, else in onnx's reference evaluator; only when neither
+    can run it is the float32 input model the reference, and `warn` and the report say so.
 
     As in convert's gate the error may reach max(atol, 4 x the float32 noise floor), the floor
     being the input model's own float32 error and that of the folded float32 weights evaluated
@@ -801,12 +835,12 @@ def parity_gate(
     with an output's magnitude (1 for probabilities), as for convert's logits."""
     original_bytes = export.serialize(original)
     ref32 = _run(original_bytes, X, "disabled", "input model")
-    ref64 = _float64_outputs(original, X)
+    ref64, engine = _float64_outputs(original, X, warn)
     samples = [_run(original_bytes, X, "all", "input model")]
     fold_check = None
     if ref64 is not None:
         fold_check = _check_fold_float64(original, X, ref64)
-        samples += [ref32, _float64_outputs(folded, X) or ref32]
+        samples += [ref32, _float64_outputs(folded, X)[0] or ref32]
     reference = ref64 if ref64 is not None else ref32
     candidate = {lv: _run(path, X, lv, "folded model (a bnserve bug)") for lv in verify.LEVELS}
     per_output: dict[str, Any] = {}
@@ -837,8 +871,9 @@ def parity_gate(
     report = {
         **first,
         "atol": float(atol),
-        "reference": "input model in onnxruntime, "
-        + ("float64" if ref64 is not None else "float32 (no float64 kernels)"),
+        "reference": f"input model in {engine}, float64"
+        if ref64 is not None
+        else f"input model in onnxruntime, float32: {engine}",
         "outputs": per_output,
         "passed": not failures,
     }
@@ -912,7 +947,7 @@ def fold_onnx_file(
         raise ModelError(f"the folded graph fails onnx.checker (a bnserve bug): {exc}") from exc
     with atomic_path(output) as tmp:
         tmp.write_bytes(export.serialize(folded))
-        result = parity_gate(original, folded, tmp, X, atol)
+        result = parity_gate(original, folded, tmp, X, atol, warn)
         result.report["probe_source"] = str(probe) if probe is not None else "random"
         if not result.passed:
             if report_path is not None:

@@ -3,6 +3,7 @@ as Constant/Identity, standardization, the safety rules, BN opsets 9 to 21, and 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bnserve.converter import foreign
+from bnserve.converter.cli import fold_main
 from bnserve.converter.convert import convert_checkpoint
 from bnserve.converter.verify import run_model
 from bnserve.errors import ModelError
@@ -321,3 +323,36 @@ def test_bnserve_no_fold_model_becomes_the_folded_one(tmp_path):
     assert all(b["status"] == "folded" for b in result.fold_report["batchnorms"])
     meta = {p.key for p in folded.metadata_props}
     assert {"bnserve.labels", "bnserve.feature_names", "bnserve.format_version"} <= meta
+
+
+def test_float64_reference_without_onnxruntime_double_kernels(tmp_path, capsys):
+    # onnxruntime has no float64 Elu: the reference runs in onnx's reference evaluator, still in
+    # float64, and says so; it never drops to float32 silently.
+    inits = {"W": arr(F, H), **bn_inits("bn", H), "W2": arr(H, K)}
+    nodes = [
+        helper.make_node("Gemm", ["x", "W"], ["z"], name="fc"),
+        bn_node("bn", "z", "n"),
+        helper.make_node("Elu", ["n"], ["a"], alpha=0.5),
+        helper.make_node("MatMul", ["a", "W2"], ["y"]),
+    ]
+    model = make_model(nodes, inits)
+    x64 = np.random.default_rng(5).normal(size=(7, F))
+    outputs, engine = foreign._run_float64(model, x64)
+    assert engine == "onnx.reference"
+    # against the same network in numpy float64
+    w, w2 = inits["W"].astype(np.float64), inits["W2"].astype(np.float64)
+    var = inits["bn.var"].astype(np.float64) + float(np.float32(1e-3))
+    n = (x64 @ w - inits["bn.mean"]) / np.sqrt(var) * inits["bn.scale"] + inits["bn.bias"]
+    expected = np.where(n > 0, n, 0.5 * np.expm1(n)) @ w2
+    np.testing.assert_allclose(outputs["y"], expected, rtol=1e-12, atol=1e-12)
+    folded, report = fold_and_compare(tmp_path, model)
+    assert ops(folded) == ["Gemm", "Elu", "MatMul"]
+    assert report["batchnorms"][0]["status"] == "folded"
+    meta = {p.key: p.value for p in folded.metadata_props}
+    parity = json.loads(meta["bnserve.parity_report"])
+    assert parity["reference"] == "input model in onnx.reference, float64"
+    assert parity["fold_float64_max_rel_diff"] <= 1e-9
+    src = tmp_path / "cli_in.onnx"
+    onnx.save(model, str(src))
+    assert fold_main([str(src), "-o", str(tmp_path / "cli_out.onnx")]) == 0
+    assert "reference: input model in onnx.reference, float64" in capsys.readouterr().out
