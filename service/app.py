@@ -12,12 +12,14 @@ import logging
 from typing import Any
 
 import orjson
-from flask import Flask, request
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
+from bnserve.errors import BnserveError
 from bnserve.service import simple_api, v2
 from bnserve.service.auth import BearerAuth, read_tokens
 from bnserve.service.config import ServiceConfig
-from bnserve.service.errors import install_error_handlers
+from bnserve.service.errors import error_body
 from bnserve.service.gateway import AccessLog, Gateway
 from bnserve.service.metrics import get_metrics
 from bnserve.service.openapi import openapi_document
@@ -96,3 +98,43 @@ def create_app(
         openapi=orjson.dumps(openapi_document(registry, config)),
     )
     return app
+
+
+def json_error(status: int, message: str) -> Response:
+    return Response(error_body(message), status=status, mimetype="application/json")
+
+
+def install_error_handlers(app: Flask) -> None:
+    """Map every exception a Flask route can raise to a JSON error with the right status:
+    `BnserveError` subclasses by their status, werkzeug's 404/405, anything else a logged 500."""
+
+    @app.errorhandler(BnserveError)
+    def _bnserve_error(exc: BnserveError) -> Response:
+        status = exc.http_status
+        if status >= 500 and status != 503:
+            log.error("%s %s failed: %s", request.method, request.path, exc)
+        return json_error(status, str(exc))
+
+    @app.errorhandler(NotFound)
+    def _not_found(exc: NotFound) -> Response:
+        return json_error(404, f"no route {request.method} {request.path}")
+
+    @app.errorhandler(MethodNotAllowed)
+    def _method_not_allowed(exc: MethodNotAllowed) -> Response:
+        allowed = ", ".join(sorted(m for m in exc.valid_methods or () if m != "OPTIONS"))
+        response = json_error(
+            405, f"method {request.method} is not allowed for {request.path} (allowed: {allowed})"
+        )
+        if exc.valid_methods:
+            response.headers["Allow"] = ", ".join(exc.valid_methods)
+        return response
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        return json_error(exc.code or 500, exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        # A bug, not a bad request: log the traceback, answer JSON, keep the worker serving.
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return json_error(500, f"internal error: {type(exc).__name__}")

@@ -1,21 +1,22 @@
-"""One place that turns exceptions into JSON error responses.
+"""The service's error types and the one error shape every layer answers with.
 
-Handlers raise `BnserveError` subclasses (each carries its HTTP status); werkzeug's own errors
-(404 unknown route, 405 wrong method) and anything unexpected are mapped here too, so a client
-never sees an HTML page or a traceback, only `{"error": "..."}`.
+Handlers raise `BnserveError` subclasses (each carries its HTTP status). Whoever answers (the
+gateway's hot routes, the Flask handlers installed by service/app.py, gunicorn's own refusals of
+malformed HTTP in service/gunicorn_conf.py) writes `error_body(message)` under `status_line(code)`,
+so a client never sees an HTML page or a traceback, only `{"error": "..."}`. No Flask here: the
+gunicorn master imports this module.
 """
 
 from __future__ import annotations
 
-import logging
+from http import HTTPStatus
 
 import orjson
-from flask import Flask, Response, request
-from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from bnserve.errors import BnserveError
 
-log = logging.getLogger("bnserve.service")
+# "404 Not Found" for every status Python knows, computed once (the hot path looks it up).
+_STATUS_LINES = {status.value: f"{status.value} {status.phrase}" for status in HTTPStatus}
 
 
 class BadRequestError(BnserveError):
@@ -67,41 +68,11 @@ class NotReadyError(BnserveError):
     http_status = 503
 
 
-def json_error(status: int, message: str) -> Response:
+def error_body(message: str) -> bytes:
     """The protocol's error shape, shared by the simple API and the Open Inference Protocol."""
-    return Response(orjson.dumps({"error": message}), status=status, mimetype="application/json")
+    return orjson.dumps({"error": message})
 
 
-def install_error_handlers(app: Flask) -> None:
-    """Map every exception a request can raise to a JSON error with the right status."""
-
-    @app.errorhandler(BnserveError)
-    def _bnserve_error(exc: BnserveError) -> Response:
-        status = exc.http_status
-        if status >= 500 and status != 503:
-            log.error("%s %s failed: %s", request.method, request.path, exc)
-        return json_error(status, str(exc))
-
-    @app.errorhandler(NotFound)
-    def _not_found(exc: NotFound) -> Response:
-        return json_error(404, f"no route {request.method} {request.path}")
-
-    @app.errorhandler(MethodNotAllowed)
-    def _method_not_allowed(exc: MethodNotAllowed) -> Response:
-        allowed = ", ".join(sorted(m for m in exc.valid_methods or () if m != "OPTIONS"))
-        response = json_error(
-            405, f"method {request.method} is not allowed for {request.path} (allowed: {allowed})"
-        )
-        if exc.valid_methods:
-            response.headers["Allow"] = ", ".join(exc.valid_methods)
-        return response
-
-    @app.errorhandler(HTTPException)
-    def _http_error(exc: HTTPException) -> Response:
-        return json_error(exc.code or 500, exc.description or exc.name)
-
-    @app.errorhandler(Exception)
-    def _unexpected(exc: Exception) -> Response:
-        # A bug, not a bad request: log the traceback, answer JSON, keep the worker serving.
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return json_error(500, f"internal error: {type(exc).__name__}")
+def status_line(code: int) -> str:
+    """The WSGI status line for `code` ("413 Request Entity Too Large")."""
+    return _STATUS_LINES.get(code) or f"{code} Error"

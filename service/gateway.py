@@ -33,6 +33,7 @@ from bnserve.errors import BnserveError
 from bnserve.service.auth import BearerAuth
 from bnserve.service.body import TimedInput, read_body
 from bnserve.service.config import ServiceConfig
+from bnserve.service.errors import error_body, status_line
 from bnserve.service.registry import ModelRegistry
 from bnserve.service.simple_api import predict_body
 from bnserve.service.v2 import infer
@@ -43,29 +44,6 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 _JSON = "application/json"
 UNMATCHED = "unmatched"  # the route label of 404s: random paths must not become label values
 REQUEST_ID_HEADER = "X-Request-ID"
-
-
-def _error(status: int, message: str) -> bytes:
-    return orjson.dumps({"error": message})
-
-
-_STATUS_LINES = {
-    200: "200 OK",
-    400: "400 Bad Request",
-    401: "401 Unauthorized",
-    403: "403 Forbidden",
-    404: "404 Not Found",
-    405: "405 Method Not Allowed",
-    408: "408 Request Timeout",
-    413: "413 Request Entity Too Large",
-    500: "500 Internal Server Error",
-    503: "503 Service Unavailable",
-    504: "504 Gateway Timeout",
-}
-
-
-def status_line(code: int) -> str:
-    return _STATUS_LINES.get(code) or f"{code} Error"
 
 
 class AccessLog:
@@ -161,7 +139,7 @@ class Gateway:
             log.exception(
                 "unhandled error in %s %s", environ["REQUEST_METHOD"], environ.get("PATH_INFO")
             )
-            body = _error(500, f"internal error: {type(exc).__name__}")
+            body = error_body(f"internal error: {type(exc).__name__}")
             code, headers, route = 500, self._headers(body), UNMATCHED
         finally:
             if metrics is not None:
@@ -191,7 +169,7 @@ class Gateway:
         if self.auth is not None:
             challenge = self.auth.check(environ)
             if challenge is not None:
-                body = _error(401, "missing or invalid bearer token (Authorization: Bearer ...)")
+                body = error_body("missing or invalid bearer token (Authorization: Bearer ...)")
                 return (
                     401,
                     self._headers(body, (("WWW-Authenticate", challenge),)),
@@ -222,7 +200,7 @@ class Gateway:
             code = 200
         except BnserveError as exc:
             code = exc.http_status
-            body = _error(code, str(exc))
+            body = error_body(str(exc))
         return code, self._headers(body), body, "/predict"
 
     def _v2_infer(
@@ -238,14 +216,14 @@ class Gateway:
                 runtime, body, environ.get("HTTP_INFERENCE_HEADER_CONTENT_LENGTH"), config.max_batch
             )
         except BnserveError as exc:
-            body = _error(exc.http_status, str(exc))
+            body = error_body(str(exc))
             return exc.http_status, self._headers(body), body, route
         headers = [("Content-Length", str(len(payload))), *extra.items()]
         return 200, headers, payload, route
 
     def _plain(self, path: str, method: str) -> tuple[Any, list, bytes, str]:
         if method not in ("GET", "HEAD"):
-            body = _error(405, f"method {method} is not allowed for {path} (allowed: GET, HEAD)")
+            body = error_body(f"method {method} is not allowed for {path} (allowed: GET, HEAD)")
             return 405, self._headers(body, (("Allow", "GET, HEAD"),)), body, path
         if path == "/openapi.json" and self.openapi is not None:
             return 200, self._headers(self.openapi), self.openapi, path
@@ -254,7 +232,7 @@ class Gateway:
 
             body, content_type = render()
             return 200, self._headers(body, (), content_type), body, path
-        body = _error(404, f"no route {method} {path}")
+        body = error_body(f"no route {method} {path}")
         return 404, self._headers(body), body, UNMATCHED
 
     def _flask(self, environ: dict[str, Any]) -> tuple[Any, list, bytes, str]:

@@ -15,11 +15,12 @@ import sys
 import time
 from typing import Any
 
-import orjson
+from gunicorn import util
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 
 from bnserve.service.config import ServiceConfig
+from bnserve.service.errors import error_body
 from bnserve.service.repository import Repository
 
 log = logging.getLogger("bnserve.service")
@@ -107,8 +108,6 @@ def post_fork(server: Any, worker: Any) -> None:
     """
     import signal
 
-    from gunicorn import util
-
     for number in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         signal.signal(number, signal.SIG_DFL)
     util.write_error = write_json_error
@@ -116,9 +115,7 @@ def post_fork(server: Any, worker: Any) -> None:
 
 def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
     """gunicorn's `util.write_error` with the service's error shape."""
-    from gunicorn import util
-
-    body = orjson.dumps({"error": f"{reason}: {mesg}" if mesg else reason})
+    body = error_body(f"{reason}: {mesg}" if mesg else reason)
     head = (
         f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
