@@ -11,15 +11,20 @@ import argparse
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from bnserve.errors import UsageError
+from bnserve.service.auth import read_tokens
 from bnserve.service.config import DEVICES, OUTPUT_KINDS, ServiceConfig
+from bnserve.service.logs import configure_logging
+from bnserve.service.metrics import prepare_dir
 from bnserve.service.options import SERVE_OPTIONS, build_parser, positive_int, resolve
+from bnserve.service.probe import probe_models
+from bnserve.service.reload import ModelStore
+from bnserve.service.repository import default_version, find_models
 
 log = logging.getLogger("bnserve.service")
 
@@ -56,28 +61,11 @@ def config_from_args(argv: list[str]) -> ServiceConfig:
     )
 
 
-def configure_logging(level: str) -> None:
-    """Our log lines next to gunicorn's, on stderr, with the process id (workers differ)."""
-    logger = logging.getLogger("bnserve")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(
-            logging.Formatter(
-                "[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S %z"
-            )
-        )
-        logger.addHandler(handler)
-    logger.setLevel(level.upper())
-    logger.propagate = False
-
-
 def serve_main(argv: list[str]) -> int:
     """Check the models in a child process, then become the gunicorn master."""
     config = config_from_args(argv)
     configure_logging(config.log_level)
-    from bnserve.service.gunicorn_conf import BnserveApplication
-    from bnserve.service.probe import probe_models
-    from bnserve.service.repository import find_models
+    from bnserve.service.gunicorn_conf import BnserveApplication  # gunicorn: serve only
 
     repository = find_models(config.model, config.model_name)  # fail fast on a bad path
     log.info(
@@ -113,10 +101,6 @@ def prepare_runtime(
 ) -> tuple[ServiceConfig, Path | None]:
     """Before forking: token check, metrics directory, model store; returns the directory to
     remove at exit (the default runtime directory), if any."""
-    from bnserve.service.auth import read_tokens
-    from bnserve.service.metrics import prepare_dir
-    from bnserve.service.reload import ModelStore
-
     # refuse to start with no usable token; workers read the store's validated copy
     tokens = read_tokens(config.token_file) if config.token_file else None
     if config.model_control == "explicit" and tokens is None:
@@ -165,8 +149,8 @@ def predict_parser() -> argparse.ArgumentParser:
 def predict_main(argv: list[str]) -> int:
     """`bnserve predict MODEL DATA -o OUT.csv`."""
     args = predict_parser().parse_args(argv)
+    # onnxruntime: never in the process that becomes the gunicorn master (`serve`)
     from bnserve.service.offline import read_features, score, write_predictions
-    from bnserve.service.repository import default_version, find_models
     from bnserve.service.runtime import ModelRuntime
 
     repository = find_models(args.model, args.model_name)

@@ -34,6 +34,7 @@ from bnserve.service.auth import BearerAuth
 from bnserve.service.body import TimedInput, read_body
 from bnserve.service.config import ServiceConfig
 from bnserve.service.errors import error_body, status_line
+from bnserve.service.metrics import render
 from bnserve.service.registry import ModelRegistry
 from bnserve.service.simple_api import predict_body
 from bnserve.service.v2 import infer
@@ -228,8 +229,6 @@ class Gateway:
         if path == "/openapi.json" and self.openapi is not None:
             return 200, self._headers(self.openapi), self.openapi, path
         if path == "/metrics":
-            from bnserve.service.metrics import render
-
             body, content_type = render()
             return 200, self._headers(body, (), content_type), body, path
         body = error_body(f"no route {method} {path}")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +23,8 @@ from gunicorn.arbiter import Arbiter
 
 from bnserve.service.config import ServiceConfig
 from bnserve.service.errors import error_body
+from bnserve.service.metrics import mark_dead
+from bnserve.service.reload import ModelStore
 from bnserve.service.repository import Repository
 
 log = logging.getLogger("bnserve.service")
@@ -85,8 +89,6 @@ def when_ready(server: Any) -> None:
     (Linux TCP_DEFER_ACCEPT, up to --keep-alive seconds), so a connection that sends nothing
     never takes a worker's connection slot and the first read of an accepted one finds its
     request (+3% req/s with a new connection per request, 1 client); then log where we listen."""
-    import socket
-
     for listener in server.LISTENERS:
         sock = getattr(listener, "sock", None)
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -106,8 +108,6 @@ def post_fork(server: Any, worker: Any) -> None:
     - gunicorn's own answers (a malformed request line, header or chunk, which gunicorn refuses
       before the app sees it) become JSON `{"error": ...}` instead of HTML.
     """
-    import signal
-
     for number in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         signal.signal(number, signal.SIG_DFL)
     util.write_error = write_json_error
@@ -125,8 +125,6 @@ def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None
 
 def child_exit(server: Any, worker: Any) -> None:
     """A worker exited (or was killed): drop its live metric gauges."""
-    from bnserve.service.metrics import mark_dead
-
     mark_dead(worker.pid)
 
 
@@ -148,8 +146,6 @@ class BnserveArbiter(Arbiter):
         self.reload_runner: subprocess.Popen | None = None
 
     def _store(self) -> Any:
-        from bnserve.service.reload import ModelStore
-
         return ModelStore(self.bnserve_config.runtime_dir)
 
     def handle_hup(self) -> None:
@@ -169,8 +165,6 @@ class BnserveArbiter(Arbiter):
         if runner is not None:
             if runner.poll() is None:
                 return
-            from bnserve.service.metrics import mark_dead
-
             mark_dead(runner.pid)  # its reload counters join the archive
             self.reload_runner = None
         try:
@@ -234,6 +228,6 @@ class BnserveApplication(BaseApplication):
                 self.cfg.set(key, value)
 
     def load(self) -> Any:
-        from bnserve.service.app import create_app
+        from bnserve.service.app import create_app  # Flask and onnxruntime: workers only
 
         return create_app(self.config)  # the models come from the store's copies (reload.py)

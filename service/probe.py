@@ -13,10 +13,12 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
-from bnserve.errors import ModelError
+from bnserve.errors import BnserveError, ModelError
 from bnserve.service.config import ServiceConfig
+from bnserve.service.repository import find_models
 
 _MARKER = "BNSERVE_PROBE "
 
@@ -64,10 +66,8 @@ def probe_models(
 
 
 def _probe(config: ServiceConfig, repository: dict[str, Any] | None = None) -> dict[str, Any]:
-    from pathlib import Path
-
+    # the registry loads onnxruntime: only in this child, never in the parent (the master)
     from bnserve.service.registry import ModelRegistry
-    from bnserve.service.repository import find_models
 
     if repository is None:
         found = find_models(config.model, config.model_name)
@@ -100,8 +100,6 @@ def _probe(config: ServiceConfig, repository: dict[str, Any] | None = None) -> d
 
 def main() -> int:
     """Child entry point: config JSON on stdin, one marked JSON line on stdout."""
-    from bnserve.errors import BnserveError
-
     document = json.loads(sys.stdin.read())
     config = ServiceConfig(**document["config"])
     try:

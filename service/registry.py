@@ -14,7 +14,12 @@ from typing import Any
 
 from bnserve.errors import BnserveError
 from bnserve.service.errors import BadRequestError, NotFoundError, NotReadyError
-from bnserve.service.repository import Repository, default_version, parse_version
+from bnserve.service.repository import (
+    Repository,
+    default_version,
+    parse_version,
+    repository_of,
+)
 from bnserve.service.runtime import ModelRuntime
 
 log = logging.getLogger("bnserve.service")
@@ -129,8 +134,6 @@ class ModelRegistry:
     def _apply_state(
         self, state: dict[str, Any], device: str, intra_op_threads: int, output_kind: str
     ) -> None:
-        from bnserve.service.reload import repository_of
-
         if state["generation"] <= self.generation:  # already applied, or an older read
             return
         self.draining = bool(state.get("draining"))

@@ -49,7 +49,11 @@ from typing import Any
 import orjson
 
 from bnserve.errors import BnserveError
+from bnserve.service.auth import read_tokens
 from bnserve.service.config import ServiceConfig
+from bnserve.service.logs import configure_logging
+from bnserve.service.metrics import get_metrics
+from bnserve.service.probe import probe_models
 from bnserve.service.repository import Repository, find_models
 
 log = logging.getLogger("bnserve.service")
@@ -286,18 +290,6 @@ class GenerationWatch:
         return struct.unpack_from("<q", self._shared)[0]
 
 
-def repository_of(state: dict[str, Any]) -> Repository:
-    """model -> version -> stored copy, from a state document."""
-    return {
-        name: {int(v): Path(entry["path"]) for v, entry in sorted(versions.items(), key=_num)}
-        for name, versions in state["models"].items()
-    }
-
-
-def _num(item: tuple[str, Any]) -> int:
-    return int(item[0])
-
-
 class ReloadError(BnserveError):
     """A reload candidate failed validation; every worker stays on the last good model."""
 
@@ -363,8 +355,6 @@ def _merge(pending: list[dict[str, Any]], served: list[str]) -> tuple[dict[str, 
 def _run_job(
     store: ModelStore, config: ServiceConfig, pending: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    from bnserve.service.metrics import get_metrics
-
     metrics = get_metrics()
     state = store.read()
     actions, want_tokens = _merge(pending, list(state["models"]))
@@ -433,8 +423,6 @@ def _reload_tokens(store: ModelStore, config: ServiceConfig, results: dict[str, 
     """Re-read --token-file; a bad file keeps the last good tokens (logged), never opens up."""
     if not config.token_file:
         return None
-    from bnserve.service.auth import read_tokens
-
     try:
         tokens = read_tokens(config.token_file)
     except BnserveError as exc:
@@ -454,8 +442,6 @@ def _load_candidate(
     allow: bool,
 ) -> dict[str, Any] | None:
     """The new state entries of model `name`, None when nothing changed; raises ReloadError."""
-    from bnserve.service.probe import probe_models
-
     if name not in found:
         raise ReloadError(f"model {name!r} is not in {config.model}")
     entries: dict[str, Any] = {}
@@ -519,8 +505,6 @@ def _hashes(versions: dict[str, Any]) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m bnserve.service.reload RUNTIME_DIR`: the runner the gunicorn master starts."""
-    from bnserve.service.cli import configure_logging
-
     args = sys.argv[1:] if argv is None else argv
     store = ModelStore(args[0])
     config = store.config()

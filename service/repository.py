@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from bnserve.errors import ModelError
 
@@ -73,3 +74,15 @@ def parse_version(text: str) -> int | None:
 def default_version(versions: dict[int, Path]) -> int:
     """The highest version, compared as numbers."""
     return max(versions)
+
+
+def repository_of(state: dict[str, Any]) -> Repository:
+    """model -> version -> stored copy, from a state document."""
+    return {
+        name: {int(v): Path(entry["path"]) for v, entry in sorted(versions.items(), key=_num)}
+        for name, versions in state["models"].items()
+    }
+
+
+def _num(item: tuple[str, Any]) -> int:
+    return int(item[0])

@@ -16,6 +16,7 @@ import bnserve
 from bnserve.service.body import JsonBudget, dumps, json_type, parse_json_object, read_body
 from bnserve.service.errors import BadRequestError, ForbiddenError, GatewayTimeoutError
 from bnserve.service.registry import ModelRegistry, ModelVersions
+from bnserve.service.reload import ReloadError
 from bnserve.service.repository import find_models
 from bnserve.service.runtime import ModelRuntime
 from bnserve.service.v2_tensors import (
@@ -276,8 +277,6 @@ def control_model(action: str, name: str) -> dict[str, Any]:
     """`POST /v2/repository/models/{name}/load|unload`: queue it for the reload runner (the
     gunicorn master starts it), wait for the result, switch this worker at once (the others
     before their next request)."""
-    from bnserve.service.reload import ReloadError
-
     config = current_app.extensions["bnserve.config"]
     if config.model_control != "explicit":
         raise ForbiddenError(
