@@ -1,5 +1,5 @@
 """The WSGI layer in front of the Flask routes: request ids, auth, metrics, access log, reload
-watch, and the hot route served without Flask's per-request machinery.
+watch, body deadline, and the hot routes served without Flask's per-request machinery.
 
 Installed as `app.wsgi_app` (the usual Flask middleware slot), so gunicorn and Flask's test client
 both go through it. Per request it:
@@ -7,7 +7,8 @@ both go through it. Per request it:
 - takes `X-Request-ID` from the request when it is a sane token (else makes one: a per-worker
   random prefix and a counter, no syscall) and echoes it in the response;
 - checks the bearer token when auth is on (service/auth.py), before the body is read;
-- switches models, tokens or draining when a new state was published (8 shared bytes, service/reload.py);
+- switches models, tokens or draining when a new state was published (8 shared bytes,
+  service/reload.py);
 - answers `POST /predict` and `POST /v2/models/{m}[/versions/{v}]/infer` itself: the hot
   routes need none of what Flask does per request (context push, URL map matching, session,
   signals, response object), only the body, the runtime and the same protocol functions the
