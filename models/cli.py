@@ -12,6 +12,10 @@ from typing import Any
 
 from bnserve.atomic import check_output_dir, check_output_path, write_text_atomic
 from bnserve.errors import BnserveError, UsageError, require_extra
+from bnserve.models.layers import ACTIVATIONS
+from bnserve.models.network import PLACEMENTS
+from bnserve.models.optim import OPTIMIZERS, SCHEDULES
+from bnserve.models.train import DTYPES
 
 
 class TrainingDiverged(BnserveError):
@@ -48,15 +52,15 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="JSON file with the same options (command line wins)")
     a = p.add_argument
     a("--hidden", type=_int_list, help="hidden layer widths (default 100,100,100)")
-    a("--activation", choices=["relu", "leaky_relu", "tanh", "sigmoid"], help="default relu")
-    a("--bn", choices=["before", "after", "none"], help="BN placement (default before)")
-    a("--optimizer", choices=["sgd", "momentum", "rmsprop", "adam"], help="default adam")
+    a("--activation", choices=ACTIVATIONS, help="default relu")
+    a("--bn", choices=PLACEMENTS, help="BN placement (default before)")
+    a("--optimizer", choices=OPTIMIZERS, help="default adam")
     a("--lr", type=float, help="learning rate (default 1e-3)")
     a("--beta1", type=float, help="Adam beta1 (default 0.9)")
     a("--beta2", type=float, help="Adam / RMSprop beta2 (default 0.999)")
     a("--momentum", type=float, help="Momentum optimizer coefficient (default 0.9)")
     a("--weight-decay", type=float, help="L2 on weights and biases, not gamma/beta (default 0)")
-    a("--lr-schedule", choices=["none", "inverse", "exponential"], help="default none")
+    a("--lr-schedule", choices=SCHEDULES, help="default none")
     a("--lr-decay", type=float, help="inverse: lr/(1+decay*epoch); exponential: lr*decay**epoch")
     a("--batch-size", type=int, help="default 64")
     a("--epochs", type=int, help="maximum epochs (default 50)")
@@ -75,7 +79,7 @@ def train_parser() -> argparse.ArgumentParser:
     a("--val-split", type=float, help="validation fraction of the rest (default 0.1)")
     a("--patience", type=int, help="early-stopping patience in epochs (default 10)")
     a("--seed", type=int, help="default 0")
-    a("--dtype", choices=["float64", "float32"], help="default float64")
+    a("--dtype", choices=tuple(DTYPES), help="default float64")
     a("--label", help="label column of a CSV (default the last)")
     a("--quiet", action="store_true", help="no progress bar")
     return p
@@ -278,10 +282,8 @@ def _study_options(p: argparse.ArgumentParser, epochs: int) -> None:
     """Options shared by tune and compare: what is held fixed while the study varies the rest."""
     p.add_argument("data", help="CSV with a header, .npz with X and y, or sklearn:NAME")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument(
-        "--activation", default="relu", choices=["relu", "leaky_relu", "tanh", "sigmoid"]
-    )
-    p.add_argument("--optimizer", default="adam", choices=["sgd", "momentum", "rmsprop", "adam"])
+    p.add_argument("--activation", default="relu", choices=ACTIVATIONS)
+    p.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
     p.add_argument("--epochs", type=int, default=epochs)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -337,9 +339,7 @@ def tune_main(argv: list[str]) -> int:
     )
     p.add_argument("--depths", type=_int_list, default=d.depths, help="numbers of hidden layers")
     p.add_argument("--batch-sizes", type=_int_list, default=d.batch_sizes)
-    p.add_argument(
-        "--placements", type=_str_list(("before", "after", "none")), default=d.placements
-    )
+    p.add_argument("--placements", type=_str_list(PLACEMENTS), default=d.placements)
     args = p.parse_args(argv)
     if not 0 < args.keep <= 1:
         raise UsageError("--keep must be a fraction in (0, 1]")

@@ -199,3 +199,10 @@ def test_checkpoint_trained_by_bnserve_train_matches_torch(iris_run: Path, tmp_p
     expected = _torch_probs(ckpt, X)
     np.testing.assert_allclose(run_onnx(tmp_path / "m.onnx", X), expected, atol=1e-5)
     assert (run_onnx(tmp_path / "m.onnx", X).argmax(1) == expected.argmax(1)).mean() > 0.99
+
+
+def test_every_trainer_activation_has_an_onnx_operator() -> None:
+    # A new activation in the trainer's table must come with its ONNX operator here.
+    from bnserve.models.layers import ACTIVATIONS
+
+    assert set(export._ACTIVATION_OPS) == set(ACTIVATIONS)
