@@ -12,7 +12,7 @@ import onnx
 from onnx import helper
 
 from bnserve.cli import main
-from bnserve.converter import foreign
+from bnserve.converter import fold as fold_math
 from tests.conftest import run_cli
 from tests.converter.test_foreign_graphs import F, H, K, arr, bn_inits, bn_node, make_model
 
@@ -107,7 +107,7 @@ def test_failed_parity_gate_exits_3_and_writes_no_model(tmp_path, monkeypatch, c
     def wrong(W, b, s, t):  # forgets the shift t
         return W * s[None, :], s * (0 if b is None else b)
 
-    monkeypatch.setattr(foreign.fold, "fold_affine_into_preceding_linear", wrong)
+    monkeypatch.setattr(fold_math, "fold_affine_into_preceding_linear", wrong)
     rc = main(["fold", str(src), "-o", str(tmp_path / "o.onnx")])
     assert rc == 3
     err = capsys.readouterr().err
