@@ -23,7 +23,9 @@ for item in report["install"]:
     name = re.sub(r"[-_.]+", "-", meta["name"]).lower()
     if name == "bnserve":
         continue
-    pins[name] = meta["version"]
+    # A local version label (torch's "+cpu", taken from this machine's disk) is not served by the
+    # public index; "==2.13.0" still matches the local build here and resolves there.
+    pins[name] = meta["version"].split("+")[0]
 # The CUDA image swaps onnxruntime for onnxruntime-gpu; keep its version locked here too.
 pins.setdefault("onnxruntime-gpu", "1.31.1")
 header = [
