@@ -1,9 +1,9 @@
-"""The Flask application factory: configuration, models, routes, errors. No module-level app.
+"""The Flask application factory: configuration, models, the gateway. No module-level app.
 
 gunicorn calls `create_app` in each worker after the fork (the app is never preloaded in the
 master), so the onnxruntime sessions it creates belong to that worker alone. The returned Flask
-app has the gateway (service/gateway.py) installed as its `wsgi_app`: request ids, auth, metrics,
-access log, hot-reload watch and the `POST /predict` fast path sit in front of the routes.
+app has the gateway (service/gateway.py) installed as its `wsgi_app`: it answers every route of
+the table in service/api.py, with request ids, auth, metrics, access log and the reload watch.
 """
 
 from __future__ import annotations
@@ -12,14 +12,12 @@ import logging
 from typing import Any
 
 import orjson
-from flask import Flask, Response, request
-from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+from flask import Flask
+from werkzeug.routing import Rule
 
-from bnserve.errors import BnserveError
-from bnserve.service import simple_api, v2
+from bnserve.service.api import ROUTES
 from bnserve.service.auth import BearerAuth, read_tokens
 from bnserve.service.config import ServiceConfig
-from bnserve.service.errors import error_body
 from bnserve.service.gateway import AccessLog, Gateway
 from bnserve.service.metrics import get_metrics
 from bnserve.service.openapi import openapi_document
@@ -63,7 +61,10 @@ def load_tokens(config: ServiceConfig, store: ModelStore | None) -> tuple[bytes,
 def create_app(
     config: ServiceConfig | dict[str, Any], registry: ModelRegistry | None = None
 ) -> Flask:
-    """Build the app for `config`; loads and warms up every model unless `registry` is given."""
+    """Build the app for `config`; loads and warms up every model unless `registry` is given.
+
+    The gateway answers every request from the route table (service/api.py); Flask's URL map
+    holds the same rules, so Flask's tools (and the OpenAPI test) see exactly what is served."""
     if not isinstance(config, ServiceConfig):
         config = ServiceConfig.from_mapping(config)
     store = None
@@ -72,23 +73,14 @@ def create_app(
     metrics = get_metrics()
     registry.attach_metrics(metrics)
     app = Flask("bnserve")
-    app.json.sort_keys = False
     app.extensions["bnserve.config"] = config
     app.extensions["bnserve.registry"] = registry
     app.extensions["bnserve.store"] = store
-    install_error_handlers(app)
-    app.register_blueprint(simple_api.create_blueprint())
-    app.register_blueprint(v2.create_blueprint())
-
-    @app.before_request
-    def _route_label() -> None:
-        rule = request.url_rule  # None for 404: the gateway labels those "unmatched"
-        request.environ["bnserve.route"] = rule.rule if rule is not None else None
-
+    for route in ROUTES:
+        app.url_map.add(Rule(route.rule, methods=route.methods, endpoint=route.handler.__name__))
     tokens = load_tokens(config, store)
     access = config.access_log and config.log_level in ("debug", "info")
     app.wsgi_app = Gateway(  # type: ignore[method-assign]
-        app.wsgi_app,
         config,
         registry,
         metrics=metrics,
@@ -98,43 +90,3 @@ def create_app(
         openapi=orjson.dumps(openapi_document(registry, config)),
     )
     return app
-
-
-def json_error(status: int, message: str) -> Response:
-    return Response(error_body(message), status=status, mimetype="application/json")
-
-
-def install_error_handlers(app: Flask) -> None:
-    """Map every exception a Flask route can raise to a JSON error with the right status:
-    `BnserveError` subclasses by their status, werkzeug's 404/405, anything else a logged 500."""
-
-    @app.errorhandler(BnserveError)
-    def _bnserve_error(exc: BnserveError) -> Response:
-        status = exc.http_status
-        if status >= 500 and status != 503:
-            log.error("%s %s failed: %s", request.method, request.path, exc)
-        return json_error(status, str(exc))
-
-    @app.errorhandler(NotFound)
-    def _not_found(exc: NotFound) -> Response:
-        return json_error(404, f"no route {request.method} {request.path}")
-
-    @app.errorhandler(MethodNotAllowed)
-    def _method_not_allowed(exc: MethodNotAllowed) -> Response:
-        allowed = ", ".join(sorted(m for m in exc.valid_methods or () if m != "OPTIONS"))
-        response = json_error(
-            405, f"method {request.method} is not allowed for {request.path} (allowed: {allowed})"
-        )
-        if exc.valid_methods:
-            response.headers["Allow"] = ", ".join(exc.valid_methods)
-        return response
-
-    @app.errorhandler(HTTPException)
-    def _http_error(exc: HTTPException) -> Response:
-        return json_error(exc.code or 500, exc.description or exc.name)
-
-    @app.errorhandler(Exception)
-    def _unexpected(exc: Exception) -> Response:
-        # A bug, not a bad request: log the traceback, answer JSON, keep the worker serving.
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return json_error(500, f"internal error: {type(exc).__name__}")

@@ -1,19 +1,18 @@
-"""The WSGI layer in front of the Flask routes: request ids, auth, metrics, access log, reload
-watch, body deadline, and the hot routes served without Flask's per-request machinery.
+"""The WSGI application of every worker: request ids, auth, the state watch, the body deadline,
+routing through the one route table (service/api.py), error mapping, metrics and the access log.
 
-Installed as `app.wsgi_app` (the usual Flask middleware slot), so gunicorn and Flask's test client
-both go through it. Per request it:
+Installed as the Flask app's `wsgi_app` (the usual middleware slot), so gunicorn and Flask's test
+client both go through it, and it answers every request itself: no route needs what Flask does
+per request (context push, URL map matching, session, signals, response object). Per request it:
 
 - takes `X-Request-ID` from the request when it is a sane token (else makes one: a per-worker
   random prefix and a counter, no syscall) and echoes it in the response;
 - checks the bearer token when auth is on (service/auth.py), before the body is read;
 - switches models, tokens or draining when a new state was published (8 shared bytes,
   service/reload.py);
-- answers `POST /predict` and `POST /v2/models/{m}[/versions/{v}]/infer` itself: the hot
-  routes need none of what Flask does per request (context push, URL map matching, session,
-  signals, response object), only the body, the runtime and the same protocol functions the
-  Flask routes call (service/simple_api.py, service/v2.py). Every other route goes to Flask;
 - bounds the time to receive the body (service/body.py `TimedInput`);
+- finds the route (404 for an unknown path, 405 with `Allow` for a wrong method), calls its
+  handler, and turns a `BnserveError` into its status and `{"error": ...}` (service/errors.py);
 - counts the request (route template, method, status; latency histogram; in-flight gauge) and
   writes one JSON access-log line straight to stderr (one `write`, atomic between workers).
 """
@@ -31,14 +30,13 @@ from typing import Any
 import orjson
 
 from bnserve.errors import BnserveError
+from bnserve.service.api import ROUTES
 from bnserve.service.auth import BearerAuth
-from bnserve.service.body import TimedInput, read_body
+from bnserve.service.body import TimedInput
 from bnserve.service.config import ServiceConfig
 from bnserve.service.errors import error_body, status_line
-from bnserve.service.metrics import render
 from bnserve.service.registry import ModelRegistry
-from bnserve.service.simple_api import predict_body
-from bnserve.service.v2 import infer
+from bnserve.service.routes import Call, match
 
 log = logging.getLogger("bnserve.service")
 
@@ -88,20 +86,18 @@ class AccessLog:
 
 
 class Gateway:
-    """The WSGI callable around Flask's `wsgi_app` (see the module docstring)."""
+    """The WSGI callable installed as the Flask app's `wsgi_app` (see the module docstring)."""
 
     def __init__(
         self,
-        flask_wsgi: Callable[..., Iterable[bytes]],
         config: ServiceConfig,
         registry: ModelRegistry,
         metrics: Any = None,
         access_log: AccessLog | None = None,
         auth: BearerAuth | None = None,
         store: Any = None,
-        openapi: bytes | None = None,
+        openapi: bytes = b"",
     ) -> None:
-        self.flask_wsgi = flask_wsgi
         self.config = config
         self.registry = registry
         self.metrics = metrics
@@ -147,9 +143,9 @@ class Gateway:
             if metrics is not None:
                 metrics.in_flight.dec()
         headers.append((REQUEST_ID_HEADER, request_id))
-        start_response(status_line(code) if type(code) is int else code, headers)
+        start_response(status_line(code), headers)
         seconds = time.perf_counter() - start
-        status = code if type(code) is int else int(code[:3])
+        status = code
         method = environ["REQUEST_METHOD"]
         if metrics is not None:
             metrics.observe_request(route, method, str(status), seconds)
@@ -165,7 +161,7 @@ class Gateway:
             )
         return [body]
 
-    def _dispatch(self, environ: dict[str, Any]) -> tuple[Any, list, bytes, str]:
+    def _dispatch(self, environ: dict[str, Any]) -> tuple[int, list, bytes, str]:
         path = environ.get("PATH_INFO") or "/"
         method = environ["REQUEST_METHOD"]
         if self.auth is not None:
@@ -178,79 +174,34 @@ class Gateway:
                     body,
                     path_route(path),
                 )
-        if method == "POST":
-            if path == "/predict":
-                return self._predict(environ)
-            target = v2_infer_target(path)
-            if target is not None:
-                return self._v2_infer(environ, *target)
-        if path == "/metrics" or path == "/openapi.json":
-            return self._plain(path, method)
-        return self._flask(environ)
+        route, params, allowed = match(ROUTES, method, path)
+        if route is None:
+            return self._unrouted(method, path, allowed)
+        call = Call(environ, method, params, self.registry, self.config, self.store, self.openapi)
+        try:
+            status, headers, body = route.handler(call)
+        except BnserveError as exc:
+            status, body = exc.http_status, error_body(str(exc))
+            if status >= 500 and status != 503:
+                log.error("%s %s failed: %s", method, path, exc)
+            headers = self._headers(body)
+        return status, headers, body, route.rule
+
+    def _unrouted(self, method: str, path: str, allowed: tuple[str, ...]) -> tuple:
+        """404 for an unknown path; 405 (or the answer to OPTIONS) for a known one."""
+        if not allowed:
+            body = error_body(f"no route {method} {path}")
+            return 404, self._headers(body), body, UNMATCHED
+        allow = (("Allow", ", ".join(allowed)),)
+        if method == "OPTIONS":
+            return 200, [("Content-Length", "0"), *allow], b"", UNMATCHED
+        methods = ", ".join(m for m in allowed if m != "OPTIONS")
+        body = error_body(f"method {method} is not allowed for {path} (allowed: {methods})")
+        return 405, self._headers(body, allow), body, UNMATCHED
 
     @staticmethod
     def _headers(body: bytes, extra: tuple = (), content_type: str = _JSON) -> list:
         return [("Content-Type", content_type), ("Content-Length", str(len(body))), *extra]
-
-    def _predict(self, environ: dict[str, Any]) -> tuple[Any, list, bytes, str]:
-        """`POST /predict` without Flask: the same protocol code, errors as Flask maps them."""
-        config = self.config
-        try:
-            body = predict_body(
-                self.registry, None, None, environ, config.max_body_bytes, config.max_batch
-            )
-            code = 200
-        except BnserveError as exc:
-            code = exc.http_status
-            body = error_body(str(exc))
-        return code, self._headers(body), body, "/predict"
-
-    def _v2_infer(
-        self, environ: dict[str, Any], name: str, version: str | None
-    ) -> tuple[Any, list, bytes, str]:
-        """`POST /v2/models/{m}[/versions/{v}]/infer` without Flask, like `_predict`."""
-        config = self.config
-        route = V2_INFER_ROUTES[version is not None]
-        try:
-            runtime = self.registry.get(name, version)
-            body = read_body(environ, config.max_body_bytes)
-            payload, extra = infer(
-                runtime, body, environ.get("HTTP_INFERENCE_HEADER_CONTENT_LENGTH"), config.max_batch
-            )
-        except BnserveError as exc:
-            body = error_body(str(exc))
-            return exc.http_status, self._headers(body), body, route
-        headers = [("Content-Length", str(len(payload))), *extra.items()]
-        return 200, headers, payload, route
-
-    def _plain(self, path: str, method: str) -> tuple[Any, list, bytes, str]:
-        if method not in ("GET", "HEAD"):
-            body = error_body(f"method {method} is not allowed for {path} (allowed: GET, HEAD)")
-            return 405, self._headers(body, (("Allow", "GET, HEAD"),)), body, path
-        if path == "/openapi.json" and self.openapi is not None:
-            return 200, self._headers(self.openapi), self.openapi, path
-        if path == "/metrics":
-            body, content_type = render()
-            return 200, self._headers(body, (), content_type), body, path
-        body = error_body(f"no route {method} {path}")
-        return 404, self._headers(body), body, UNMATCHED
-
-    def _flask(self, environ: dict[str, Any]) -> tuple[Any, list, bytes, str]:
-        captured: list[Any] = []
-
-        def start_response(status: str, headers: list, exc_info: Any = None) -> Callable:
-            captured[:] = [status, headers]
-            return _no_write
-
-        result = self.flask_wsgi(environ, start_response)
-        try:
-            body = b"".join(result)
-        finally:
-            close = getattr(result, "close", None)
-            if close is not None:
-                close()
-        status, headers = captured
-        return status, list(headers), body, environ.get("bnserve.route") or UNMATCHED
 
     def _watch(self) -> None:
         """Switch models (or tokens, or start draining) when a new state was published: one
@@ -279,25 +230,6 @@ class Gateway:
         log.info("bearer tokens reloaded (%d token(s))", len(self.auth.tokens))
 
 
-# The Flask rule strings: the metrics and access log label these requests as Flask would.
-V2_INFER_ROUTES = {
-    False: "/v2/models/<name>/infer",
-    True: "/v2/models/<name>/versions/<version>/infer",
-}
-
-
-def v2_infer_target(path: str) -> tuple[str, str | None] | None:
-    """(model, version or None) when `path` is a V2 infer route, else None."""
-    if not (path.startswith("/v2/models/") and path.endswith("/infer")):
-        return None
-    parts = path[len("/v2/models/") : -len("/infer")].split("/")
-    if len(parts) == 1 and parts[0]:
-        return parts[0], None
-    if len(parts) == 3 and parts[0] and parts[1] == "versions" and parts[2]:
-        return parts[0], parts[2]
-    return None
-
-
 def gevent_patched() -> bool:
     """Whether this process runs under gevent's monkey patch (gunicorn's gevent worker)."""
     try:
@@ -310,7 +242,3 @@ def gevent_patched() -> bool:
 def path_route(path: str) -> str:
     """A bounded route label for requests answered before routing (401)."""
     return path if path in ("/predict", "/metrics", "/openapi.json") else "unauthenticated"
-
-
-def _no_write(data: bytes) -> None:
-    raise RuntimeError("the write() callable of start_response is not supported")

@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from flask import Blueprint, Response, current_app, request
 
 from bnserve.service.body import JsonBudget, dumps, json_type, parse_json_object, read_body
 from bnserve.service.errors import BadRequestError, PayloadTooLargeError
 from bnserve.service.registry import ModelRegistry
+from bnserve.service.routes import Answer, Call, json_answer
 from bnserve.service.runtime import ModelRuntime
 
 EXAMPLE = '{"features": [f1, ..., fF]} or {"instances": [[...], ...]}'
@@ -189,45 +189,24 @@ def predict_body(
     return dumps({"predictions": answers} if batched else answers[0])
 
 
-def create_blueprint() -> Blueprint:
-    """The simple API's routes."""
-    bp = Blueprint("simple_api", __name__)
+def predict_route(call: Call) -> Answer:
+    """`/predict`, `/models/{m}/predict`, `/models/{m}/versions/{v}/predict`: POST predicts,
+    GET (and HEAD) explains the body this model expects."""
+    name, version = call.params.get("name"), call.params.get("version")
+    registry, config = call.registry, call.config
+    runtime = registry.get(name, version)
+    if call.method != "POST":
+        return json_answer(dumps(explain(registry, runtime, config.max_batch)))
+    return json_answer(
+        predict_body(registry, name, version, call.environ, config.max_body_bytes, config.max_batch)
+    )
 
-    def _json(document: Any, status: int = 200) -> Response:
-        return Response(dumps(document), status=status, mimetype="application/json")
 
-    def _predict(name: str | None, version: str | None) -> Response:
-        registry: ModelRegistry = current_app.extensions["bnserve.registry"]
-        config = current_app.extensions["bnserve.config"]
-        runtime = registry.get(name, version)
-        if request.method != "POST":  # GET, and HEAD (Flask adds it to every GET route)
-            return _json(explain(registry, runtime, config.max_batch))
-        return Response(
-            predict_body(
-                registry, name, version, request.environ, config.max_body_bytes, config.max_batch
-            ),
-            mimetype="application/json",
-        )
-
-    @bp.route("/predict", methods=["GET", "POST"])
-    def predict_default() -> Response:
-        return _predict(None, None)
-
-    @bp.route("/models/<name>/predict", methods=["GET", "POST"])
-    def predict_model(name: str) -> Response:
-        return _predict(name, None)
-
-    @bp.route("/models/<name>/versions/<version>/predict", methods=["GET", "POST"])
-    def predict_version(name: str, version: str) -> Response:
-        return _predict(name, version)
-
-    @bp.route("/health", methods=["GET"])
-    def health() -> Response:
-        registry: ModelRegistry = current_app.extensions["bnserve.registry"]
-        ready = registry.ready and not registry.draining
-        return _json(health_document(registry), 200 if ready else 503)
-
-    return bp
+def health_route(call: Call) -> Answer:
+    """`GET /health`: 200 when every model is loaded and the server is not draining, else 503."""
+    registry = call.registry
+    ready = registry.ready and not registry.draining
+    return json_answer(dumps(health_document(registry)), 200 if ready else 503)
 
 
 def health_document(registry: ModelRegistry) -> dict[str, Any]:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, current_app, request
-
 import bnserve
 from bnserve.service.body import JsonBudget, dumps, json_type, parse_json_object, read_body
 from bnserve.service.errors import BadRequestError, ForbiddenError, GatewayTimeoutError
 from bnserve.service.registry import ModelRegistry, ModelVersions
 from bnserve.service.reload import ReloadError
 from bnserve.service.repository import find_models
+from bnserve.service.routes import Answer, Call, json_answer
 from bnserve.service.runtime import ModelRuntime
 from bnserve.service.v2_tensors import (
     check_parameters,
@@ -187,68 +186,53 @@ def _requested_outputs(
     return requested
 
 
-def create_blueprint() -> Blueprint:
-    """The V2 routes; every answer is JSON (or JSON + binary tensors for infer)."""
-    bp = Blueprint("v2", __name__, url_prefix="/v2")
+def server_metadata_route(call: Call) -> Answer:
+    return json_answer(dumps(server_metadata()))
 
-    def _json(document: Any, status: int = 200) -> Response:
-        return Response(dumps(document), status=status, mimetype="application/json")
 
-    def _registry() -> ModelRegistry:
-        return current_app.extensions["bnserve.registry"]
+def live_route(call: Call) -> Answer:
+    return json_answer(dumps({"live": True}))
 
-    @bp.route("", methods=["GET"])
-    def metadata() -> Response:
-        return _json(server_metadata())
 
-    @bp.route("/health/live", methods=["GET"])
-    def live() -> Response:
-        return _json({"live": True})
+def ready_route(call: Call) -> Answer:
+    registry = call.registry
+    ready = registry.ready and not registry.draining
+    return json_answer(dumps({"ready": ready}), 200 if ready else 503)
 
-    @bp.route("/health/ready", methods=["GET"])
-    def ready() -> Response:
-        registry = _registry()
-        ready = registry.ready and not registry.draining
-        return _json({"ready": ready}, 200 if ready else 503)
 
-    @bp.route("/models/<name>", methods=["GET"])
-    @bp.route("/models/<name>/versions/<version>", methods=["GET"])
-    def model(name: str, version: str | None = None) -> Response:
-        registry = _registry()
-        runtime = registry.get(name, version)
-        sha = registry.hashes.get((name, runtime.version))
-        return _json(model_metadata(registry.model(name), runtime, sha))
+def model_metadata_route(call: Call) -> Answer:
+    name, version = call.params["name"], call.params.get("version")
+    registry = call.registry
+    runtime = registry.get(name, version)
+    sha = registry.hashes.get((name, runtime.version))
+    return json_answer(dumps(model_metadata(registry.model(name), runtime, sha)))
 
-    @bp.route("/models/<name>/ready", methods=["GET"])
-    @bp.route("/models/<name>/versions/<version>/ready", methods=["GET"])
-    def model_ready(name: str, version: str | None = None) -> Response:
-        runtime = _registry().get(name, version)  # 404 unknown, 503 not loaded
-        return _json({"name": name, "version": str(runtime.version), "ready": True})
 
-    @bp.route("/models/<name>/infer", methods=["POST"])
-    @bp.route("/models/<name>/versions/<version>/infer", methods=["POST"])
-    def model_infer(name: str, version: str | None = None) -> Response:
-        runtime = _registry().get(name, version)
-        config = current_app.extensions["bnserve.config"]
-        body = read_body(request.environ, config.max_body_bytes)
-        payload, headers = infer(
-            runtime, body, request.headers.get(HEADER_LENGTH), config.max_batch
-        )
-        return Response(payload, status=200, headers=headers)
+def model_ready_route(call: Call) -> Answer:
+    name = call.params["name"]
+    runtime = call.registry.get(name, call.params.get("version"))  # 404 unknown, 503 not loaded
+    return json_answer(dumps({"name": name, "version": str(runtime.version), "ready": True}))
 
-    @bp.route("/repository/index", methods=["POST"])
-    def repository_index() -> Response:
-        return _json(repository_index_document(_registry()))
 
-    @bp.route("/repository/models/<name>/load", methods=["POST"])
-    def repository_load(name: str) -> Response:
-        return _json(control_model("load", name))
+def infer_route(call: Call) -> Answer:
+    runtime = call.registry.get(call.params["name"], call.params.get("version"))
+    config = call.config
+    body = read_body(call.environ, config.max_body_bytes)
+    header_length = call.environ.get("HTTP_INFERENCE_HEADER_CONTENT_LENGTH")
+    payload, headers = infer(runtime, body, header_length, config.max_batch)
+    return 200, [("Content-Length", str(len(payload))), *headers.items()], payload
 
-    @bp.route("/repository/models/<name>/unload", methods=["POST"])
-    def repository_unload(name: str) -> Response:
-        return _json(control_model("unload", name))
 
-    return bp
+def repository_index_route(call: Call) -> Answer:
+    return json_answer(dumps(repository_index_document(call.registry)))
+
+
+def load_route(call: Call) -> Answer:
+    return json_answer(dumps(control_model(call, "load", call.params["name"])))
+
+
+def unload_route(call: Call) -> Answer:
+    return json_answer(dumps(control_model(call, "unload", call.params["name"])))
 
 
 def repository_index_document(registry: ModelRegistry) -> list[dict[str, Any]]:
@@ -273,22 +257,22 @@ def repository_index_document(registry: ModelRegistry) -> list[dict[str, Any]]:
 _CONTROL_PARAMETERS = {"load": {"allow_signature_change"}, "unload": {"unload_dependents"}}
 
 
-def control_model(action: str, name: str) -> dict[str, Any]:
+def control_model(call: Call, action: str, name: str) -> dict[str, Any]:
     """`POST /v2/repository/models/{name}/load|unload`: queue it for the reload runner (the
     gunicorn master starts it), wait for the result, switch this worker at once (the others
     before their next request)."""
-    config = current_app.extensions["bnserve.config"]
+    config = call.config
     if config.model_control != "explicit":
         raise ForbiddenError(
             f"model control is {config.model_control!r}: this server does not {action} models "
             "on request. Start it with --model-control explicit (BNSERVE_MODEL_CONTROL=explicit) "
             "to use this route; SIGHUP to the server reloads the served models"
         )
-    registry: ModelRegistry = current_app.extensions["bnserve.registry"]
-    store = current_app.extensions.get("bnserve.store")
+    registry: ModelRegistry = call.registry
+    store = call.store
     if store is None:
         raise BadRequestError(f"{action} needs the model store that `bnserve serve` sets up")
-    body = read_body(request.environ, config.max_body_bytes)
+    body = read_body(call.environ, config.max_body_bytes)
     document = parse_json_object(body, '{"parameters": {...}}') if body.strip() else {}
     parameters = check_parameters(document.get("parameters"), "'parameters'")
     unknown = set(parameters) - _CONTROL_PARAMETERS[action]
