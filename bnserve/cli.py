@@ -7,6 +7,7 @@ trainer (and works with the base install alone).
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from bnserve.errors import BnserveError
@@ -34,6 +35,20 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a subcommand; a reader that closes our output early (`bnserve --help | head`) ends
+    the command quietly instead of with a BrokenPipeError traceback."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python's recommended handling: point stdout at devnull so the interpreter's final
+        # flush does not raise again, and exit like a process killed by SIGPIPE would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
