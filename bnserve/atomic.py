@@ -37,9 +37,9 @@ def check_output_dir(folder: str | os.PathLike[str]) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], mode: int | None = None) -> Iterator[Path]:
     """Yields a temporary path next to `path`; renames it onto `path` if the block succeeds and
-    deletes it otherwise."""
+    deletes it otherwise. The file gets `mode`, else the permissions a plain open() gives."""
     path = check_output_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,9 +51,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield Path(tmp)
         # mkstemp creates the file 0600; outputs are meant to be read by other users (a service
         # in a container), so give them the permissions a plain open() would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        if mode is None:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -63,3 +65,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes, mode: int | None = None) -> None:
+    with atomic_path(path, mode) as tmp:
+        tmp.write_bytes(data)

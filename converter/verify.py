@@ -35,7 +35,7 @@ PROBE_SEED = 0
 # Folding is exact in real arithmetic: in float64 the folded network must reproduce the reference
 # up to float64 rounding, amplified at most ~1e4 by cancellation on ill-conditioned networks.
 FOLD_FLOAT64_TOLERANCE = 1e-9
-# Issue 5 says 2 x the noise floor. Rounding errors are random, so one set of samples underestimates
+# A factor of 2 was the first design. Rounding errors are random, so one set of samples underestimates
 # the floor: on deep tanh networks with |gamma| ~ 10 hypothesis found a correct fold at 2.3 x.
 # 4 keeps correct folds passing; a wrong fold still fails the float64 check, a wrong export
 # (layout, activation, alpha) errs by orders of magnitude more.

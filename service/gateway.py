@@ -36,12 +36,11 @@ from bnserve.service.body import TimedInput
 from bnserve.service.config import ServiceConfig
 from bnserve.service.errors import error_body, status_line
 from bnserve.service.registry import ModelRegistry
-from bnserve.service.routes import Call, match
+from bnserve.service.routes import Call, json_headers, match
 
 log = logging.getLogger("bnserve.service")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
-_JSON = "application/json"
 UNMATCHED = "unmatched"  # the route label of 404s: random paths must not become label values
 REQUEST_ID_HEADER = "X-Request-ID"
 
@@ -138,7 +137,7 @@ class Gateway:
                 "unhandled error in %s %s", environ["REQUEST_METHOD"], environ.get("PATH_INFO")
             )
             body = error_body(f"internal error: {type(exc).__name__}")
-            code, headers, route = 500, self._headers(body), UNMATCHED
+            code, headers, route = 500, json_headers(body), UNMATCHED
         finally:
             if metrics is not None:
                 metrics.in_flight.dec()
@@ -170,7 +169,7 @@ class Gateway:
                 body = error_body("missing or invalid bearer token (Authorization: Bearer ...)")
                 return (
                     401,
-                    self._headers(body, (("WWW-Authenticate", challenge),)),
+                    json_headers(body, (("WWW-Authenticate", challenge),)),
                     body,
                     path_route(path),
                 )
@@ -184,24 +183,20 @@ class Gateway:
             status, body = exc.http_status, error_body(str(exc))
             if status >= 500 and status != 503:
                 log.error("%s %s failed: %s", method, path, exc)
-            headers = self._headers(body)
+            headers = json_headers(body)
         return status, headers, body, route.rule
 
     def _unrouted(self, method: str, path: str, allowed: tuple[str, ...]) -> tuple:
         """404 for an unknown path; 405 (or the answer to OPTIONS) for a known one."""
         if not allowed:
             body = error_body(f"no route {method} {path}")
-            return 404, self._headers(body), body, UNMATCHED
+            return 404, json_headers(body), body, UNMATCHED
         allow = (("Allow", ", ".join(allowed)),)
         if method == "OPTIONS":
             return 200, [("Content-Length", "0"), *allow], b"", UNMATCHED
         methods = ", ".join(m for m in allowed if m != "OPTIONS")
         body = error_body(f"method {method} is not allowed for {path} (allowed: {methods})")
-        return 405, self._headers(body, allow), body, UNMATCHED
-
-    @staticmethod
-    def _headers(body: bytes, extra: tuple = (), content_type: str = _JSON) -> list:
-        return [("Content-Type", content_type), ("Content-Length", str(len(body))), *extra]
+        return 405, json_headers(body, allow), body, UNMATCHED
 
     def _watch(self) -> None:
         """Switch models (or tokens, or start draining) when a new state was published: one

@@ -37,7 +37,6 @@ import fcntl
 import hashlib
 import logging
 import mmap
-import os
 import struct
 import sys
 import time
@@ -48,6 +47,7 @@ from typing import Any
 
 import orjson
 
+from bnserve.atomic import write_bytes_atomic
 from bnserve.errors import BnserveError
 from bnserve.service.auth import read_tokens
 from bnserve.service.config import ServiceConfig
@@ -64,23 +64,6 @@ CONFIG_FILE = "config.json"
 TOKENS_FILE = "tokens"
 GENERATION_FILE = "generation"
 _KEPT_JOBS = 64  # finished jobs remembered for the waiters (each names its ticket range)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes, mode: int | None = None) -> None:
-    """Replace `path` with `data` through a temporary file and a rename (a new inode)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    if mode is not None:
-        tmp.chmod(mode)
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -111,7 +94,7 @@ class ModelStore:
 
     def write(self, state: dict[str, Any]) -> None:
         """Replace the state atomically (a new inode: workers notice it with one stat)."""
-        _write_atomic(self.state_path, orjson.dumps(state, option=orjson.OPT_INDENT_2))
+        write_bytes_atomic(self.state_path, orjson.dumps(state, option=orjson.OPT_INDENT_2))
 
     def update(self, change: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
         """Read, let `change` edit the state in place, and write it with the next generation
@@ -148,13 +131,13 @@ class ModelStore:
         sha = hashlib.sha256(data).hexdigest()
         target = self.store / f"{sha}.onnx"
         if not target.exists():
-            _write_atomic(target, data)
+            write_bytes_atomic(target, data)
         return target, sha
 
     def keep_tokens(self, tokens: tuple[bytes, ...]) -> str:
         """Write the validated tokens where every worker reads them (owner-only); their hash."""
         data = b"\n".join(tokens) + b"\n"
-        _write_atomic(self.tokens_path, data, mode=0o600)
+        write_bytes_atomic(self.tokens_path, data, mode=0o600)
         return hashlib.sha256(data).hexdigest()
 
     def read_tokens(self) -> tuple[bytes, ...]:
@@ -188,9 +171,9 @@ class ModelStore:
             "tokens_sha256": self.keep_tokens(tokens) if tokens else None,
         }
         self.write(state)
-        _write_atomic(self.generation_path, struct.pack("<q", 0))
-        _write_atomic(self.dir / CONFIG_FILE, orjson.dumps(asdict(config)))
-        _write_atomic(self.queue_path, orjson.dumps({"next": 1, "pending": [], "jobs": []}))
+        write_bytes_atomic(self.generation_path, struct.pack("<q", 0))
+        write_bytes_atomic(self.dir / CONFIG_FILE, orjson.dumps(asdict(config)))
+        write_bytes_atomic(self.queue_path, orjson.dumps({"next": 1, "pending": [], "jobs": []}))
         return state
 
     def config(self) -> ServiceConfig:
@@ -213,7 +196,7 @@ class ModelStore:
         with _flock(self.dir / "queue.lock"):
             queue = orjson.loads(self.queue_path.read_bytes())
             result = change(queue)
-            _write_atomic(self.queue_path, orjson.dumps(queue))
+            write_bytes_atomic(self.queue_path, orjson.dumps(queue))
             return result
 
     def submit(

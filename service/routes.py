@@ -33,8 +33,12 @@ class Call:
     openapi: bytes = b""
 
 
-def json_answer(body: bytes, status: int = 200, extra: tuple = ()) -> Answer:
-    return status, [("Content-Type", JSON), ("Content-Length", str(len(body))), *extra], body
+def json_headers(body: bytes, extra: tuple = ()) -> list[tuple[str, str]]:
+    return [("Content-Type", JSON), ("Content-Length", str(len(body))), *extra]
+
+
+def json_answer(body: bytes, status: int = 200) -> Answer:
+    return status, json_headers(body), body
 
 
 @dataclass(frozen=True)

@@ -103,13 +103,8 @@ class Folder:
         if not steps:
             return False
         W, b = fold.fold_affine_into_preceding_linear(lin.W, lin.b, *compose(steps, n))
-        node = self.write_gemm(lin, lin.x, steps[-1].node.output[0], W, b)
-        if node is None:
-            self.warnings.append(f"folding into {label(lin.nodes[0])!r} overflows float32; kept")
-            return False
-        self.replace(lin.nodes + [st.node for st in steps], node)
-        self.record(steps, "folded", f"into the preceding {_kind(lin)}", label(node))
-        return True
+        nodes = lin.nodes + [st.node for st in steps]
+        return self._merge("preceding", lin, steps, nodes, lin.x, steps[-1].node.output[0], W, b)
 
     def try_following(self, ix: GraphIndex, lin: Linear) -> bool:
         n = lin.W.shape[0]
@@ -117,12 +112,28 @@ class Folder:
         if not steps:
             return False
         W, b = fold.fold_affine_into_following_linear(lin.W, lin.b, *compose(steps, n))
-        node = self.write_gemm(lin, steps[0].data, lin.y, W, b)
+        nodes = [st.node for st in steps] + lin.nodes
+        return self._merge("following", lin, steps, nodes, steps[0].data, lin.y, W, b)
+
+    def _merge(
+        self,
+        where: str,
+        lin: Linear,
+        steps: list[Step],
+        nodes: list[onnx.NodeProto],
+        x: str,
+        y: str,
+        W: Array,
+        b: Array,
+    ) -> bool:
+        """Replace `nodes` (the layer and its chain) by one Gemm `y = x @ W + b`, folded into the
+        `where` ("preceding" or "following") layer; keep them when the weights overflow float32."""
+        node = self.write_gemm(lin, x, y, W, b)
         if node is None:
             self.warnings.append(f"folding into {label(lin.nodes[0])!r} overflows float32; kept")
             return False
-        self.replace([st.node for st in steps] + lin.nodes, node)
-        self.record(steps, "folded", f"into the following {_kind(lin)}", label(node))
+        self.replace(nodes, node)
+        self.record(steps, "folded", f"into the {where} {_kind(lin)}", label(node))
         return True
 
     def try_merge_bns(self, ix: GraphIndex, node: onnx.NodeProto) -> bool:

@@ -2,8 +2,8 @@
 checkpoints, checked independently against the float64 reference of the unfolded network.
 
 Findings that shaped these tests (numbers from the converter's development, 500 random networks
-over the issue's full range each):
-- Issue 5's gate criterion as first written, folded error <= max(atol, 2 x unfolded float32
+over the full range of the factory's parameters each):
+- The gate criterion as first written, folded error <= max(atol, 2 x unfolded float32
   error), rejected 56/500 CORRECT folds: folding moves the input mean (and BN's mean) into a
   bias that cancels against x @ W, so float32 is legitimately up to ~15x worse folded than
   unfolded. The gate's noise floor therefore also includes the folded weights evaluated in numpy
@@ -39,7 +39,7 @@ hidden_st = st.lists(st.integers(1, 64), min_size=1, max_size=4).map(tuple)
 
 @st.composite
 def any_network(draw: st.DrawFn) -> NetConfig:
-    """The issue's full range: variances 1e-6..1e3, gamma negative and zero, several eps."""
+    """The full range the converter promises: variances 1e-6..1e3, gamma negative and zero, several eps."""
     return NetConfig(
         n_features=draw(st.integers(1, 20)),
         n_classes=draw(st.integers(2, 10)),

@@ -148,21 +148,23 @@ class LiveServer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def worker_pids(self) -> list[int]:
-        """The gunicorn workers: the master's children that run the master's command line
-        (forked, not exec'd), so neither a reload runner nor an exited child waiting to be
-        reaped (its command line is empty) counts."""
-        master = Path(f"/proc/{self.proc.pid}/cmdline").read_bytes()
-        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        pids = []
-        for pid in children.read_text().split():
+    def children(self) -> dict[int, bytes]:
+        """The master's child processes and their command lines (empty for one exited and not
+        yet reaped)."""
+        listed = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        found = {}
+        for pid in listed.split():
             try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                found[int(pid)] = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:  # exited meanwhile
                 continue
-            if cmdline == master:
-                pids.append(int(pid))
-        return pids
+        return found
+
+    def worker_pids(self) -> list[int]:
+        """The gunicorn workers: the children that run the master's command line (forked, not
+        exec'd), so neither a reload runner nor an exited child waiting to be reaped counts."""
+        master = Path(f"/proc/{self.proc.pid}/cmdline").read_bytes()
+        return [pid for pid, cmdline in self.children().items() if cmdline == master]
 
 
 def start_server(args: list[str], log_path: Path, env_extra: dict[str, str]) -> LiveServer:
