@@ -15,7 +15,7 @@ import orjson
 from flask import Flask
 from werkzeug.routing import Rule
 
-from bnserve.service.api import ROUTES
+from bnserve.service.api import ROUTES, open_paths
 from bnserve.service.auth import BearerAuth, read_tokens
 from bnserve.service.config import ServiceConfig
 from bnserve.service.gateway import AccessLog, Gateway
@@ -85,7 +85,7 @@ def create_app(
         registry,
         metrics=metrics,
         access_log=AccessLog() if access else None,
-        auth=BearerAuth(tokens, config.public_metrics) if tokens is not None else None,
+        auth=BearerAuth(tokens, open_paths(config.public_metrics)) if tokens is not None else None,
         store=store,
         openapi=orjson.dumps(openapi_document(registry, config)),
     )

@@ -3,8 +3,9 @@
 The file holds one token per line (several allow rotation; blank lines and `#` comments are
 skipped). A request must send `Authorization: Bearer <token>`; tokens are compared with
 `hmac.compare_digest` (constant time, so the answer time says nothing about how much of a guess
-was right), each candidate against every token. Liveness and readiness stay open (probes carry no
-token); `/metrics` too when `--public-metrics` is given.
+was right), each candidate against every token. Which paths stay open (liveness and readiness:
+probes carry no token; `/metrics` when `--public-metrics` is given) is declared in the route
+table (service/api.py, `Route.access`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from pathlib import Path
 
 from bnserve.errors import UsageError
 
-#: Routes that never need a token: health probes from the orchestrator.
-OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/health"})
 CHALLENGE = 'Bearer realm="bnserve"'
 INVALID_CHALLENGE = 'Bearer realm="bnserve", error="invalid_token"'
 
@@ -44,9 +43,9 @@ def read_tokens(path: str | Path) -> tuple[bytes, ...]:
 class BearerAuth:
     """Checks the Authorization header of a WSGI environ against the configured tokens."""
 
-    def __init__(self, tokens: tuple[bytes, ...], public_metrics: bool = False) -> None:
+    def __init__(self, tokens: tuple[bytes, ...], open_paths: frozenset[str]) -> None:
         self.tokens = tokens
-        self.open_paths = OPEN_PATHS | ({"/metrics"} if public_metrics else set())
+        self.open_paths = open_paths
 
     def check(self, environ: dict) -> str | None:
         """None when allowed, else the WWW-Authenticate challenge to answer 401 with."""

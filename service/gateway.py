@@ -30,7 +30,7 @@ from typing import Any
 import orjson
 
 from bnserve.errors import BnserveError
-from bnserve.service.api import ROUTES
+from bnserve.service.api import FIXED_PATHS, ROUTES
 from bnserve.service.auth import BearerAuth
 from bnserve.service.body import TimedInput
 from bnserve.service.config import ServiceConfig
@@ -236,4 +236,4 @@ def gevent_patched() -> bool:
 
 def path_route(path: str) -> str:
     """A bounded route label for requests answered before routing (401)."""
-    return path if path in ("/predict", "/metrics", "/openapi.json") else "unauthenticated"
+    return path if path in FIXED_PATHS else "unauthenticated"

@@ -1,17 +1,22 @@
 """`GET /openapi.json`: an OpenAPI 3.1 description of every route this server answers.
 
-Built once per worker from the served models (their names are the path parameters' examples and
-the default model's feature count sizes the example body), and checked in the tests with
-`openapi-spec-validator` and by schemathesis against the live server.
+The paths are written from the route table (service/api.py): each route's `Doc` per method names
+its summary, its request and response schemas (declared here) and its error statuses, and its
+access says whether a token is needed. Built once per worker from the served models (their names
+are the path parameters' examples and the default model's feature count sizes the example body),
+and checked in the tests with `openapi-spec-validator` and by schemathesis against the live server.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import bnserve
+from bnserve.service.api import ROUTES
 from bnserve.service.config import ServiceConfig
 from bnserve.service.registry import ModelRegistry
+from bnserve.service.routes import Doc, Route, is_open
 
 JSON = "application/json"
 
@@ -223,6 +228,20 @@ def _schemas(n_features: int | None) -> dict[str, Any]:
                 },
             },
         },
+        "ControlRequest": {
+            "type": "object",
+            "properties": {
+                "parameters": {
+                    "type": "object",
+                    "properties": {
+                        "allow_signature_change": {"type": "boolean"},
+                        "unload_dependents": {"type": "boolean"},
+                    },
+                    "additionalProperties": False,
+                }
+            },
+        },
+        "OpenAPI": {"type": "object"},
         "LoadResult": {
             "type": "object",
             "required": ["name", "result", "versions"],
@@ -235,214 +254,94 @@ def _schemas(n_features: int | None) -> dict[str, Any]:
     }
 
 
+_HEADER_LENGTH = {
+    "name": "Inference-Header-Content-Length",
+    "in": "header",
+    "required": False,
+    "description": "binary tensor data extension: the size of the JSON part of the body",
+    "schema": {"type": "integer", "minimum": 0},
+}
+_REQUEST_ID = {"$ref": "#/components/parameters/RequestId"}
+_RULE_PARAMETER = re.compile(r"<([a-z_]+)>")
+
+
+def _path_parameters(names: list[str]) -> dict[str, dict[str, Any]]:
+    """The path parameters a rule may hold, with the served models' names as examples."""
+    return {
+        "name": {
+            "name": "name",
+            "in": "path",
+            "required": True,
+            "description": "model name",
+            "schema": {"type": "string", "minLength": 1},
+            "examples": {n: {"value": n} for n in names},
+        },
+        "version": {
+            "name": "version",
+            "in": "path",
+            "required": True,
+            "description": "model version (a positive integer)",
+            "schema": {"type": "string", "minLength": 1},
+            "examples": {"one": {"value": "1"}},
+        },
+    }
+
+
+def _ok(doc: Doc) -> dict[str, Any]:
+    if not doc.response:
+        return {
+            "description": doc.answered,
+            "headers": {"X-Request-ID": {"$ref": "#/components/headers/RequestId"}},
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        }
+    answer = _json(_ref(doc.response), doc.answered)
+    if doc.binary:
+        answer["content"]["application/octet-stream"] = {
+            "schema": {"type": "string", "format": "binary"}
+        }
+    return answer
+
+
+def _operation(
+    route: Route, doc: Doc, path_parameters: dict[str, Any], auth: bool, public_metrics: bool
+) -> dict[str, Any]:
+    """The OpenAPI operation object of one method of `route`."""
+    public = is_open(route, public_metrics)
+    parameters = [path_parameters[n] for n in _RULE_PARAMETER.findall(route.rule)]
+    if doc.binary:
+        parameters.append(_HEADER_LENGTH)
+    guarded = (401,) if auth and not public else ()
+    operation: dict[str, Any] = {
+        "summary": doc.summary,
+        "parameters": [*parameters, _REQUEST_ID],
+        "responses": {"200": _ok(doc), **_errors(*doc.errors, *guarded)},
+    }
+    if doc.request:
+        operation["requestBody"] = {
+            "required": doc.request_required,
+            "content": {JSON: {"schema": _ref(doc.request)}},
+        }
+    if public and auth:
+        operation["security"] = []
+    return operation
+
+
 def openapi_document(registry: ModelRegistry, config: ServiceConfig) -> dict[str, Any]:
-    """The OpenAPI 3.1 document for this server's routes and models."""
-    names = list(registry.models)
+    """The OpenAPI 3.1 document for this server's routes (every route of the table) and models."""
     default = registry.models.get(registry.default_model or "")
     runtime = default.loaded.get(default.default) if default is not None else None
     n_features = runtime.info.n_features if runtime is not None else None
     auth = bool(config.token_file)
-    guarded = (401,) if auth else ()
-
-    name = {
-        "name": "name",
-        "in": "path",
-        "required": True,
-        "description": "model name",
-        "schema": {"type": "string", "minLength": 1},
-        "examples": {n: {"value": n} for n in names},
-    }
-    version = {
-        "name": "version",
-        "in": "path",
-        "required": True,
-        "description": "model version (a positive integer)",
-        "schema": {"type": "string", "minLength": 1},
-        "examples": {"one": {"value": "1"}},
-    }
-    request_id = {"$ref": "#/components/parameters/RequestId"}
-    header_length = {
-        "name": "Inference-Header-Content-Length",
-        "in": "header",
-        "required": False,
-        "description": "binary tensor data extension: the size of the JSON part of the body",
-        "schema": {"type": "integer", "minimum": 0},
-    }
-
-    def op(
-        summary: str,
-        ok: dict[str, Any],
-        errors: tuple[int, ...],
-        params: tuple = (),
-        body: dict[str, Any] | None = None,
-        open_route: bool = False,
-    ) -> dict[str, Any]:
-        operation: dict[str, Any] = {
-            "summary": summary,
-            "parameters": [*params, request_id],
-            "responses": {"200": ok, **_errors(*errors, *(() if open_route else guarded))},
+    path_parameters = _path_parameters(list(registry.models))
+    paths: dict[str, Any] = {}
+    for route in ROUTES:
+        path = _RULE_PARAMETER.sub(r"{\1}", route.rule)
+        paths[path] = {
+            method.lower(): _operation(
+                route, route.docs[method], path_parameters, auth, config.public_metrics
+            )
+            for method in route.methods
         }
-        if body is not None:
-            operation["requestBody"] = body
-        if open_route and auth:
-            operation["security"] = []
-        return operation
-
-    predict_body = {
-        "required": True,
-        "content": {JSON: {"schema": _ref("PredictRequest")}},
-    }
-    control_body = {
-        "required": False,
-        "content": {
-            JSON: {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "parameters": {
-                            "type": "object",
-                            "properties": {
-                                "allow_signature_change": {"type": "boolean"},
-                                "unload_dependents": {"type": "boolean"},
-                            },
-                            "additionalProperties": False,
-                        }
-                    },
-                }
-            }
-        },
-    }
-    infer_body = {"required": True, "content": {JSON: {"schema": _ref("InferRequest")}}}
-    infer_ok = {
-        "description": "Output tensors (JSON, or JSON header + binary tensors)",
-        "headers": {"X-Request-ID": {"$ref": "#/components/headers/RequestId"}},
-        "content": {
-            JSON: {"schema": _ref("InferResponse")},
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-        },
-    }
-    usage = _json(_ref("Usage"), "What POST expects, with an example")
-    predicted = _json(_ref("PredictResponse"), "One prediction, or one per instance")
-
-    def predict_pair(params: tuple) -> dict[str, Any]:
-        return {
-            "get": op("Explain the expected body", usage, (400, 404, 503), params),
-            "post": op(
-                "Predict class probabilities",
-                predicted,
-                (400, 404, 413, 503),
-                params,
-                predict_body,
-            ),
-        }
-
-    paths: dict[str, Any] = {
-        "/predict": predict_pair(()),
-        "/models/{name}/predict": predict_pair((name,)),
-        "/models/{name}/versions/{version}/predict": predict_pair((name, version)),
-        "/health": {
-            "get": op(
-                "Whether every model is loaded (503 when not, or when draining)",
-                _json(_ref("Health"), "Every model is loaded"),
-                (503,),
-                open_route=True,
-            )
-        },
-        "/v2": {"get": op("Server metadata", _json(_ref("ServerMetadata"), "Metadata"), ())},
-        "/v2/health/live": {
-            "get": op("Liveness", _json(_ref("Live"), "Live"), (), open_route=True)
-        },
-        "/v2/health/ready": {
-            "get": op("Readiness", _json(_ref("Ready"), "Ready"), (503,), open_route=True)
-        },
-        "/v2/models/{name}": {
-            "get": op(
-                "Model metadata", _json(_ref("ModelMetadata"), "Metadata"), (400, 404, 503), (name,)
-            )
-        },
-        "/v2/models/{name}/versions/{version}": {
-            "get": op(
-                "Model version metadata",
-                _json(_ref("ModelMetadata"), "Metadata"),
-                (400, 404, 503),
-                (name, version),
-            )
-        },
-        "/v2/models/{name}/ready": {
-            "get": op("Model readiness", _json(_ref("ModelReady"), "Ready"), (404, 503), (name,))
-        },
-        "/v2/models/{name}/versions/{version}/ready": {
-            "get": op(
-                "Model version readiness",
-                _json(_ref("ModelReady"), "Ready"),
-                (404, 503),
-                (name, version),
-            )
-        },
-        "/v2/models/{name}/infer": {
-            "post": op(
-                "Inference (Open Inference Protocol)",
-                infer_ok,
-                (400, 404, 413, 503),
-                (name, header_length),
-                infer_body,
-            )
-        },
-        "/v2/models/{name}/versions/{version}/infer": {
-            "post": op(
-                "Inference on a version",
-                infer_ok,
-                (400, 404, 413, 503),
-                (name, version, header_length),
-                infer_body,
-            )
-        },
-        "/v2/repository/index": {
-            "post": op(
-                "Model repository index",
-                _json(_ref("RepositoryIndex"), "Every model version and its state"),
-                (),
-            )
-        },
-        "/v2/repository/models/{name}/load": {
-            "post": op(
-                "Load or hot-reload a model (--model-control explicit): validate its files, "
-                "compare its signature, switch every worker to it",
-                _json(_ref("LoadResult"), "Loaded (or unchanged)"),
-                (400, 403, 404, 504),
-                (name,),
-                control_body,
-            )
-        },
-        "/v2/repository/models/{name}/unload": {
-            "post": op(
-                "Unload a model (--model-control explicit): every worker stops serving it",
-                _json(_ref("LoadResult"), "Unloaded (or already unloaded)"),
-                (400, 403, 404, 504),
-                (name,),
-                control_body,
-            )
-        },
-        "/metrics": {
-            "get": op(
-                "Prometheus metrics of every worker",
-                {
-                    "description": "Prometheus text format",
-                    "headers": {"X-Request-ID": {"$ref": "#/components/headers/RequestId"}},
-                    "content": {"text/plain": {"schema": {"type": "string"}}},
-                },
-                (),
-                open_route=config.public_metrics,
-            )
-        },
-        "/openapi.json": {
-            "get": op(
-                "This document",
-                _json({"type": "object"}, "OpenAPI 3.1"),
-                (),
-            )
-        },
-    }
     document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
