@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 
-from bnserve.converter import export
+from bnserve.converter import export, verify
 
 
 def _convert_parser() -> argparse.ArgumentParser:
@@ -36,7 +36,10 @@ def _convert_parser() -> argparse.ArgumentParser:
         help="frozen BN statistics to use (default: the checkpoint's default)",
     )
     p.add_argument(
-        "--atol", type=float, default=1e-5, help="parity tolerance on probabilities (default 1e-5)"
+        "--atol",
+        type=float,
+        default=verify.DEFAULT_ATOL,
+        help=f"parity tolerance on probabilities (default {verify.DEFAULT_ATOL:g})",
     )
     p.add_argument("--logits", action="store_true", help="add a second output 'logits'")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
@@ -86,8 +89,9 @@ def _fold_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--atol",
         type=float,
-        default=1e-5,
-        help="parity tolerance, relative to max(1, largest |output|) (default 1e-5)",
+        default=verify.DEFAULT_ATOL,
+        help="parity tolerance, relative to max(1, largest |output|) "
+        f"(default {verify.DEFAULT_ATOL:g})",
     )
     p.add_argument(
         "--probe",

@@ -1,28 +1,31 @@
-"""The parity gate: run an ONNX model in onnxruntime on probe inputs and compare it with a float64
-reference, accepting float32's own error but nothing more.
+"""The parity gate of `bnserve convert` and `bnserve fold`: run the written ONNX file in
+onnxruntime on probe inputs and compare every output with a float64 reference, accepting
+float32's own error but nothing more.
 
-Criterion: the candidate's max absolute probability error is <= max(atol, NOISE_FACTOR (4) x the
-float32 noise floor), at ORT_DISABLE_ALL and at ORT_ENABLE_ALL, and the argmax agrees with the reference on
-every row that is not a near tie. The noise floor is the largest error of independent float32
-evaluations of the same network: the unfolded graph in onnxruntime, and the converter
-adds the unfolded network in numpy float32 and the folded weights evaluated in numpy float32
-with two summation orders, because folding can
-make float32 legitimately worse (a large input mean over a small std, or a large BN scale, moves
-into a bias that cancels against x @ W). Those extra samples are only admissible because the
-converter first checks the fold itself in float64 (`FOLD_FLOAT64_TOLERANCE`), so a wrong fold can
-not raise its own floor.
-
-Functions are generic (any model, any reference), so `bnserve fold` can reuse them.
+Criterion: an output's max absolute error is <= max(atol x its scale, NOISE_FACTOR (4) x the
+float32 noise floor), at ORT_DISABLE_ALL and at ORT_ENABLE_ALL, and the argmax agrees with the
+reference on every row that is not a near tie. The noise floor is the largest error of
+independent float32 evaluations of the same network. Each command builds a `Reference`: the
+float64 outputs (the checkpoint network in numpy for convert; the input graph widened to float64
+for fold), its float32 evaluations (the unfolded graph in onnxruntime first, then others, such as
+the folded weights in float32, because folding can make float32 legitimately worse: a large input
+mean over a small std, or a large BN scale, moves into a bias that cancels against x @ W), and
+its float64 fold check. The folded weights' samples are admissible only because the fold itself
+first passes that check (`FOLD_FLOAT64_TOLERANCE`), so a wrong fold cannot raise its own floor.
+When no float64 reference can be computed, `Reference.float64` is False and the report's
+`reference` says why.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+
+from bnserve.errors import BnserveError, ModelError
 
 Array = np.ndarray
 ModelSource = str | bytes | os.PathLike[str]
@@ -40,6 +43,8 @@ FOLD_FLOAT64_TOLERANCE = 1e-9
 # 4 keeps correct folds passing; a wrong fold still fails the float64 check, a wrong export
 # (layout, activation, alpha) errs by orders of magnitude more.
 NOISE_FACTOR = 4.0
+# The gate's atol unless --atol says otherwise (absolute on probabilities, relative elsewhere).
+DEFAULT_ATOL = 1e-5
 
 
 def make_probes(
@@ -91,6 +96,16 @@ def run_model(model: ModelSource, X: Array, level: str = "disabled") -> dict[str
     names = [o.name for o in sess.get_outputs()]
     values = sess.run(names, {sess.get_inputs()[0].name: X})
     return dict(zip(names, values, strict=True))
+
+
+def run_checked(model: ModelSource, X: Array, level: str, what: str) -> dict[str, Array]:
+    """`run_model`, with onnxruntime's own exception types turned into a ModelError naming `what`."""
+    try:
+        return run_model(model, X, level)
+    except BnserveError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"onnxruntime cannot run the {what}: {exc}") from exc
 
 
 def max_abs_error(candidate: Array, reference: Array) -> tuple[float, int]:
@@ -181,32 +196,70 @@ def evaluate_parity(
     return ParityResult(passed=passed, report=report, message=message)
 
 
-def logits_parity(
-    candidate_by_level: dict[str, Array],
-    reference: Array,
-    baseline_error: float,
-    atol: float,
-    noise_floor: float | None = None,
-) -> dict[str, Any]:
-    """The same rule for the optional logits output, with atol relative to the logits' scale
-    (logits are unbounded, so an absolute 1e-5 would be meaningless for large ones), and the
-    same NOISE_FACTOR x noise floor as the probabilities: with 2 x the unfolded error alone, one
-    correct fold in seven of ill-conditioned networks failed on its logits while its
-    probabilities passed."""
-    scale = max(1.0, float(np.max(np.abs(reference))))
-    floor = float(baseline_error) if noise_floor is None else max(noise_floor, baseline_error)
-    tolerance = max(float(atol) * scale, NOISE_FACTOR * floor)
-    err = max(max_abs_error(v, reference)[0] for v in candidate_by_level.values())
-    return {
-        "max_abs_diff": err,
-        "unfolded_float32_max_abs_diff": float(baseline_error),
-        "float32_noise_floor": floor,
-        "tolerance": tolerance,
-        "passed": err <= tolerance,
-    }
-
-
 def format_row(row: Array, limit: int = 8) -> str:
     vals = ", ".join(f"{float(v):.6g}" for v in np.asarray(row)[:limit])
     more = f", ... ({len(row)} values)" if len(row) > limit else ""
     return f"[{vals}{more}]"
+
+
+def as_rows(a: Array) -> Array:
+    """`a` as a 2-D `[rows, values]` array (a scalar is one row of one value)."""
+    a = np.asarray(a)
+    return a.reshape(a.shape[0], -1) if a.ndim >= 1 else a.reshape(1, 1)
+
+
+@dataclass
+class Reference:
+    """What a candidate file is judged against: by output name, the reference outputs (float64,
+    unless `float64` is False and `engine` says why not), the float32 evaluations whose errors make
+    the noise floor (the first is the unfolded model in onnxruntime, reported as
+    `unfolded_float32_max_abs_diff`), and the report entries of the caller's float64 fold check."""
+
+    outputs: dict[str, Array]
+    float32_runs: list[dict[str, Array]]
+    engine: str
+    float64: bool = True
+    fold_check: dict[str, float] = field(default_factory=dict)
+
+
+def parity_gate(path: ModelSource, X: Array, reference: Reference, atol: float) -> ParityResult:
+    """Run the file at `path` on `X` at every optimization level and judge each of its outputs
+    against `reference`: floating outputs with `evaluate_parity` (atol scaled by the output's
+    magnitude, so 1 for probabilities and relative for logits), others by exact equality. The
+    report is the first output's, plus `reference`, `outputs` (one report per output) and the
+    fold check."""
+    candidate = {lv: run_checked(path, X, lv, "written model (a bnserve bug)") for lv in LEVELS}
+    per_output: dict[str, Any] = {}
+    failures = []
+    for name, ref in reference.outputs.items():
+        if not np.issubdtype(np.asarray(ref).dtype, np.floating):
+            same = all(np.array_equal(out[name], ref) for out in candidate.values())
+            per_output[name] = {"exact_match": same, "passed": same}
+            if not same:
+                failures.append(f"output {name!r}: values differ from the reference's")
+            continue
+        ref_rows = as_rows(ref).astype(np.float64)
+        scale = max(1.0, float(np.max(np.abs(ref_rows), initial=0.0)))
+        errors = [max_abs_error(as_rows(run[name]), ref_rows)[0] for run in reference.float32_runs]
+        result = evaluate_parity(
+            {lv: as_rows(out[name]) for lv, out in candidate.items()},
+            ref_rows,
+            errors[0],
+            atol * scale,
+            X,
+            noise_floor=max(errors),
+        )
+        per_output[name] = {**result.report, "scale": scale}
+        if not result.passed:
+            detail = result.message.removeprefix("parity gate failed: ")
+            failures.append(f"output {name!r}: {detail}")
+    report = {
+        **per_output[next(iter(reference.outputs))],
+        "atol": float(atol),
+        "reference": reference.engine,
+        "outputs": per_output,
+        **reference.fold_check,
+        "passed": not failures,
+    }
+    message = "parity gate failed: " + "\n".join(failures) if failures else "parity ok"
+    return ParityResult(passed=not failures, report=report, message=message)

@@ -12,26 +12,13 @@ from typing import Any
 
 from bnserve.atomic import check_output_dir, check_output_path, write_text_atomic
 from bnserve.errors import BnserveError, UsageError, require_extra
-from bnserve.models.layers import ACTIVATIONS
 from bnserve.models.network import PLACEMENTS
-from bnserve.models.optim import OPTIMIZERS, SCHEDULES
-from bnserve.models.train import DTYPES
+from bnserve.models.options import add_options, int_list
+from bnserve.models.train import TrainConfig
 
 
 class TrainingDiverged(BnserveError):
     exit_code = 1
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        widths = tuple(int(w) for w in text.split(",") if w.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not widths or any(w < 1 for w in widths):
-        raise argparse.ArgumentTypeError(f"expected positive layer widths, got {text!r}")
-    return widths
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,6 +26,14 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{message} (see 'bnserve {self.prog.split()[-1]} --help')")
+
+
+#: The options of `bnserve train` before its held-out group (see models/options.py).
+TRAIN_OPTIONS = (
+    "hidden", "activation", "bn", "optimizer", "lr", "beta1", "beta2", "momentum", "weight_decay",
+    "lr_schedule", "lr_decay", "batch_size", "epochs", "dropout", "bn_momentum", "bn_eps",
+    "population_stats",
+)  # fmt: skip
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -50,45 +45,16 @@ def train_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output folder (checkpoint.npz, metrics.json, ...)")
     p.add_argument("--config", help="JSON file with the same options (command line wins)")
-    a = p.add_argument
-    a("--hidden", type=_int_list, help="hidden layer widths (default 100,100,100)")
-    a("--activation", choices=ACTIVATIONS, help="default relu")
-    a("--bn", choices=PLACEMENTS, help="BN placement (default before)")
-    a("--optimizer", choices=OPTIMIZERS, help="default adam")
-    a("--lr", type=float, help="learning rate (default 1e-3)")
-    a("--beta1", type=float, help="Adam beta1 (default 0.9)")
-    a("--beta2", type=float, help="Adam / RMSprop beta2 (default 0.999)")
-    a("--momentum", type=float, help="Momentum optimizer coefficient (default 0.9)")
-    a("--weight-decay", type=float, help="L2 on weights and biases, not gamma/beta (default 0)")
-    a("--lr-schedule", choices=SCHEDULES, help="default none")
-    a("--lr-decay", type=float, help="inverse: lr/(1+decay*epoch); exponential: lr*decay**epoch")
-    a("--batch-size", type=int, help="default 64")
-    a("--epochs", type=int, help="maximum epochs (default 50)")
-    a("--dropout", type=float, help="inverted dropout probability (default 0)")
-    a("--bn-momentum", type=float, help="weight of the new batch in running stats (default 0.1)")
-    a("--bn-eps", type=float, help="BN epsilon (default 1e-5)")
-    a(
-        "--population-stats",
-        action="store_true",
-        default=None,
-        help="also compute exact population statistics and make them the default",
-    )
+    add_options(p, TRAIN_OPTIONS)
     test = p.add_mutually_exclusive_group()
-    test.add_argument("--test", help="separate held-out file in the same format")
-    test.add_argument("--test-split", type=float, help="stratified held-out fraction (default 0.2)")
-    a("--val-split", type=float, help="validation fraction of the rest (default 0.1)")
-    a("--patience", type=int, help="early-stopping patience in epochs (default 10)")
-    a("--seed", type=int, help="default 0")
-    a("--dtype", choices=tuple(DTYPES), help="default float64")
-    a("--label", help="label column of a CSV (default the last)")
-    a("--quiet", action="store_true", help="no progress bar")
+    add_options(test, ("test", "test_split"))
+    add_options(p, ("val_split", "patience", "seed", "dtype", "label"))
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
 def build_config(args: argparse.Namespace) -> Any:
     """TrainConfig from defaults, then the --config file, then the options given on the command line."""
-    from bnserve.models.train import TrainConfig
-
     values: dict[str, Any] = {}
     if args.config:
         values.update(read_config_file(args.config, TrainConfig.option_names()))
@@ -278,20 +244,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _study_options(p: argparse.ArgumentParser, epochs: int) -> None:
+def _study_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
     """Options shared by tune and compare: what is held fixed while the study varies the rest."""
     p.add_argument("data", help="CSV with a header, .npz with X and y, or sklearn:NAME")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--activation", default="relu", choices=ACTIVATIONS)
-    p.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
-    p.add_argument("--epochs", type=int, default=epochs)
-    p.add_argument("--seed", type=int, default=0)
+    names = ("activation", "optimizer", "epochs", "seed", "test_split", "val_split", "label")
+    add_options(p, names, defaults)
     p.add_argument(
         "--jobs", type=_positive_int, help="parallel processes (default: the number of cores)"
     )
-    p.add_argument("--test-split", type=float, default=0.2)
-    p.add_argument("--val-split", type=float, default=0.1)
-    p.add_argument("--label", help="label column of a CSV (default the last)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -305,11 +266,10 @@ def tune_main(argv: list[str]) -> int:
 
     from bnserve.models.data import load_dataset
     from bnserve.models.plots import plot_search
-    from bnserve.models.train import TrainConfig
     from bnserve.models.tune import SearchSpace, search, write_best
 
     p = _Parser(prog="bnserve tune", description="Random hyperparameter search, coarse to fine.")
-    _study_options(p, epochs=30)
+    _study_options(p, {"epochs": 30})
     p.add_argument("--trials", type=int, default=40, help="trials over all rounds")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument(
@@ -318,7 +278,7 @@ def tune_main(argv: list[str]) -> int:
         default=0.25,
         help="fraction of best trials the next box is shrunk around",
     )
-    p.add_argument("--patience", type=int, default=5)
+    add_options(p, ("patience",), {"patience": 5})
     p.add_argument("--resume", action="store_true", help="continue the search in --out")
     d = SearchSpace()
     p.add_argument(
@@ -334,11 +294,9 @@ def tune_main(argv: list[str]) -> int:
         help="1-beta1 sampled log-uniformly (default 1e-3,0.1: beta1 0.9..0.999)",
     )
     p.add_argument("--weight-decay-range", type=_range, default=(1e-6, 1e-2))
-    p.add_argument(
-        "--widths", type=_int_list, default=d.widths, help="hidden widths to choose from"
-    )
-    p.add_argument("--depths", type=_int_list, default=d.depths, help="numbers of hidden layers")
-    p.add_argument("--batch-sizes", type=_int_list, default=d.batch_sizes)
+    p.add_argument("--widths", type=int_list, default=d.widths, help="hidden widths to choose from")
+    p.add_argument("--depths", type=int_list, default=d.depths, help="numbers of hidden layers")
+    p.add_argument("--batch-sizes", type=int_list, default=d.batch_sizes)
     p.add_argument("--placements", type=_str_list(PLACEMENTS), default=d.placements)
     args = p.parse_args(argv)
     if not 0 < args.keep <= 1:
@@ -425,22 +383,19 @@ def compare_main(argv: list[str]) -> int:
     from bnserve.models.compare import compare
     from bnserve.models.data import load_dataset
     from bnserve.models.plots import plot_compare
-    from bnserve.models.train import TrainConfig
 
     p = _Parser(
         prog="bnserve compare",
         description="Train with BN before, after and none at several learning rates.",
     )
-    _study_options(p, epochs=30)
-    p.set_defaults(activation="sigmoid", optimizer="sgd")
+    _study_options(p, {"epochs": 30, "activation": "sigmoid", "optimizer": "sgd"})
     p.add_argument(
         "--lr",
         type=_float_list,
         default=[0.03, 0.3, 3.0],
         help="learning rates (default 0.03,0.3,3)",
     )
-    p.add_argument("--hidden", type=_int_list, default=(100, 100, 100))
-    p.add_argument("--batch-size", type=int, default=64)
+    add_options(p, ("hidden", "batch_size"), {})
     p.add_argument(
         "--target", type=float, default=0.9, help="validation accuracy for 'epochs to target'"
     )

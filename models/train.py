@@ -32,7 +32,7 @@ from bnserve.models.optim import OPTIMIZERS, SCHEDULES, make_optimizer, schedule
 
 DTYPES = {"float64": np.float64, "float32": np.float32}
 
-_CHOICES: dict[str, tuple[str, ...]] = {
+CHOICES: dict[str, tuple[str, ...]] = {
     "activation": layers.ACTIVATIONS,
     "bn": PLACEMENTS,
     "optimizer": OPTIMIZERS,
@@ -104,7 +104,7 @@ class TrainConfig:
         self.hidden = tuple(_integer("hidden", w) for w in self.hidden)
         if any(w < 1 for w in self.hidden):
             raise ValueError(f"--hidden widths must be >= 1, got {list(self.hidden)}")
-        for name, choices in _CHOICES.items():
+        for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(
                     f"--{_flag(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}"

@@ -17,21 +17,21 @@ outputs, their names, order and shapes, the other nodes and the metadata stay as
 
 The package, one job per module: `graph` (index, opsets, shapes, constants), `layers` (linear
 layers), `steps` (affine steps and chains), `rewrite` (the folds and the cleanup), `checks` (safety
-rules, `fold_model`), `gate` (the parity gate), `command` (`fold_onnx_file`).
+rules, `fold_model`), `gate` (the reference the shared parity gate of converter/verify.py judges against), `command` (`fold_onnx_file`).
 """
 
 from __future__ import annotations
 
 from bnserve.converter.foreign.checks import fold_model, refuse_unsafe
 from bnserve.converter.foreign.command import FoldResult, fold_onnx_file
-from bnserve.converter.foreign.gate import _run_float64, parity_gate, to_float64
+from bnserve.converter.foreign.gate import _run_float64, fold_reference, to_float64
 
 __all__ = [
     "FoldResult",
     "_run_float64",
     "fold_model",
     "fold_onnx_file",
-    "parity_gate",
+    "fold_reference",
     "refuse_unsafe",
     "to_float64",
 ]

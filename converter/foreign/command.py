@@ -15,9 +15,9 @@ import onnx
 
 from bnserve import __version__
 from bnserve.atomic import atomic_path, check_output_path, write_text_atomic
-from bnserve.converter import export
+from bnserve.converter import export, verify
 from bnserve.converter.foreign.checks import fold_model, refuse_unsafe
-from bnserve.converter.foreign.gate import _run, load_foreign_model, parity_gate, probe_inputs
+from bnserve.converter.foreign.gate import fold_reference, load_foreign_model, probe_inputs
 from bnserve.errors import ModelError, ParityError, UsageError
 
 
@@ -43,7 +43,7 @@ def fold_onnx_file(
     input_path: str | os.PathLike[str],
     output_path: str | os.PathLike[str],
     *,
-    atol: float = 1e-5,
+    atol: float = verify.DEFAULT_ATOL,
     probe: str | os.PathLike[str] | None = None,
     report_path: str | os.PathLike[str] | None = None,
     warn: Callable[[str], None] | None = None,
@@ -65,7 +65,8 @@ def fold_onnx_file(
     original = load_foreign_model(input_path)
     refuse_unsafe(original)  # before onnxruntime, which may reject such a node less clearly
     X = probe_inputs(original, probe)
-    _run(export.serialize(original), X[:1], "disabled", "input model")  # refuse before any work
+    # refuse a model onnxruntime cannot run before any work
+    verify.run_checked(export.serialize(original), X[:1], "disabled", "input model")
     folded, report = fold_model(original)
     for w in report["warnings"]:
         if warn is not None:
@@ -83,12 +84,12 @@ def fold_onnx_file(
         raise ModelError(f"the folded graph fails onnx.checker (a bnserve bug): {exc}") from exc
     with atomic_path(output) as tmp:
         tmp.write_bytes(export.serialize(folded))
-        result = parity_gate(original, folded, tmp, X, atol, warn)
+        result = verify.parity_gate(tmp, X, fold_reference(original, folded, X, warn), atol)
         result.report["probe_source"] = str(probe) if probe is not None else "random"
         if not result.passed:
             if report_path is not None:
                 write_text_atomic(report_path, _report_json(report, result.report))
-            raise ParityError("parity gate failed: " + result.message)
+            raise ParityError(result.message)
         _set_metadata(folded, {"bnserve.parity_report": export.to_json(result.report)})
         tmp.write_bytes(export.serialize(folded))
         # The report first: if it cannot be written, the model is not renamed into place either.

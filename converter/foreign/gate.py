@@ -6,7 +6,6 @@ import copy
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -16,7 +15,7 @@ from bnserve.converter import export, verify
 from bnserve.converter.foreign.checks import fold_model
 from bnserve.converter.foreign.graph import FLOAT_TYPES, Array
 from bnserve.converter.inspect import load_model
-from bnserve.errors import BnserveError, ModelError, ParityError, UsageError
+from bnserve.errors import ModelError, ParityError, UsageError
 
 
 def load_foreign_model(path: str | os.PathLike[str]) -> onnx.ModelProto:
@@ -69,22 +68,6 @@ def probe_inputs(model: onnx.ModelProto, probe: str | os.PathLike[str] | None) -
         )
     F = int(dims[1])
     return verify.make_probes(np.zeros(F), np.ones(F)).astype(dtype)
-
-
-def _run(
-    model: str | bytes | os.PathLike[str], X: Array, level: str, what: str
-) -> dict[str, Array]:
-    try:
-        return verify.run_model(model, X, level)
-    except BnserveError:
-        raise
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise ModelError(f"onnxruntime cannot run the {what}: {exc}") from exc
-
-
-def _rows(a: Array) -> Array:
-    a = np.asarray(a)
-    return a.reshape(a.shape[0], -1) if a.ndim >= 1 else a.reshape(1, 1)
 
 
 def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -163,7 +146,9 @@ def _check_fold_float64(original: onnx.ModelProto, X: Array, ref: dict[str, Arra
     worst = 0.0
     for name, value in ref.items():
         scale = max(1.0, float(np.max(np.abs(value), initial=0.0)))
-        worst = max(worst, verify.max_abs_error(_rows(out[name]), _rows(value))[0] / scale)
+        worst = max(
+            worst, verify.max_abs_error(verify.as_rows(out[name]), verify.as_rows(value))[0] / scale
+        )
     if not worst <= verify.FOLD_FLOAT64_TOLERANCE:
         raise ParityError(
             f"parity gate failed: the fold differs from the input model by {worst:.3g} (relative) "
@@ -172,66 +157,31 @@ def _check_fold_float64(original: onnx.ModelProto, X: Array, ref: dict[str, Arra
     return worst
 
 
-def parity_gate(
+def fold_reference(
     original: onnx.ModelProto,
     folded: onnx.ModelProto,
-    path: Path,
     X: Array,
-    atol: float,
     warn: Callable[[str], None] | None = None,
-) -> verify.ParityResult:
-    """Every output of the folded file at both onnxruntime optimization levels against the input
-    model run in float64: in onnxruntime, else in onnx's reference evaluator; only when neither
-    can run it is the float32 input model the reference, and `warn` and the report say so.
+) -> verify.Reference:
+    """What the folded file is judged against (verify.parity_gate): the input model run in float64,
+    in onnxruntime, else in onnx's reference evaluator; only when neither can run it is the
+    float32 input model the reference, and `warn` and the report say so.
 
-    As in convert's gate the error may reach max(atol, 4 x the float32 noise floor), the floor
-    being the input model's own float32 error and that of the folded float32 weights evaluated
-    in float64 (admissible because the fold itself is first checked in float64); atol scales
-    with an output's magnitude (1 for probabilities), as for convert's logits."""
+    The noise floor's float32 evaluations: the input model in onnxruntime at both optimization
+    levels, and the folded float32 weights evaluated in float64 (admissible because the fold
+    itself is first checked in float64)."""
     original_bytes = export.serialize(original)
-    ref32 = _run(original_bytes, X, "disabled", "input model")
+    ref32 = verify.run_checked(original_bytes, X, "disabled", "input model")
+    optimized = verify.run_checked(original_bytes, X, "all", "input model")
     ref64, engine = _float64_outputs(original, X, warn)
-    samples = [_run(original_bytes, X, "all", "input model")]
-    fold_check = None
-    if ref64 is not None:
-        fold_check = _check_fold_float64(original, X, ref64)
-        samples += [ref32, _float64_outputs(folded, X)[0] or ref32]
-    reference = ref64 if ref64 is not None else ref32
-    candidate = {lv: _run(path, X, lv, "folded model (a bnserve bug)") for lv in verify.LEVELS}
-    per_output: dict[str, Any] = {}
-    failures = []
-    for name, ref in reference.items():
-        if not np.issubdtype(np.asarray(ref).dtype, np.floating):
-            same = all(np.array_equal(candidate[lv][name], ref) for lv in candidate)
-            per_output[name] = {"exact_match": same, "passed": same}
-            if not same:
-                failures.append(f"output {name!r}: values differ from the input model's")
-            continue
-        ref64_rows = _rows(ref).astype(np.float64)
-        scale = max(1.0, float(np.max(np.abs(ref64_rows), initial=0.0)))
-        errors = [verify.max_abs_error(_rows(smp[name]), ref64_rows)[0] for smp in samples]
-        baseline = errors[1] if ref64 is not None else errors[0]
-        result = verify.evaluate_parity(
-            {lv: _rows(out[name]) for lv, out in candidate.items()},
-            ref64_rows,
-            baseline,
-            atol * scale,
-            X,
-            noise_floor=max(errors),
+    if ref64 is None:
+        return verify.Reference(
+            ref32, [optimized], f"input model in onnxruntime, float32: {engine}", float64=False
         )
-        per_output[name] = {**result.report, "scale": scale}
-        if not result.passed:
-            failures.append(f"output {name!r}: {result.message}")
-    first = per_output[next(iter(reference))]
-    report = {
-        **first,
-        "atol": float(atol),
-        "reference": f"input model in {engine}, float64"
-        if ref64 is not None
-        else f"input model in onnxruntime, float32: {engine}",
-        "outputs": per_output,
-        "passed": not failures,
-    }
-    if fold_check is not None:
-        report["fold_float64_max_rel_diff"] = fold_check
-    return verify.ParityResult(passed=not failures, report=report, message="\n".join(failures))
+    fold_check = _check_fold_float64(original, X, ref64)
+    return verify.Reference(
+        ref64,
+        [ref32, optimized, _float64_outputs(folded, X)[0] or ref32],
+        f"input model in {engine}, float64",
+        fold_check={"fold_float64_max_rel_diff": fold_check},
+    )

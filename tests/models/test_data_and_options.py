@@ -181,3 +181,26 @@ def test_divergence_without_validation_keeps_the_last_finite_epoch(monkeypatch):
     config = train_module.TrainConfig(hidden=(4,), epochs=5, val_split=0, test_split=0)
     result = train_module.train(config, "sklearn:iris")
     assert result.metrics["diverged"] and result.metrics["best_epoch"] == 2
+
+
+def test_each_trainer_option_is_declared_once_with_the_registry_choices(monkeypatch) -> None:
+    """train, tune and compare take their choices and defaults from TrainConfig and the
+    registries: a new activation is valid in every command, a default is shown where it holds."""
+    import argparse
+
+    from bnserve.models import options, train
+
+    monkeypatch.setitem(train.CHOICES, "activation", (*train.CHOICES["activation"], "newact"))
+    for defaults in (None, {}, {"activation": "sigmoid"}):
+        parser = argparse.ArgumentParser()
+        options.add_options(parser, ("activation", "lr", "hidden", "population_stats"), defaults)
+        args = parser.parse_args(["--activation", "newact", "--hidden", "8,4", "--lr", "0.5"])
+        assert (args.activation, args.hidden, args.lr) == ("newact", (8, 4), 0.5)
+        empty = parser.parse_args([])
+        expected = None if defaults is None else defaults.get("activation", "relu")
+        assert empty.activation == expected
+        assert empty.population_stats is (None if defaults is None else False)
+        shown = (defaults or {}).get("activation", "relu")
+        assert f"(default {shown})" in parser.format_help()
+    assert options.default_of("lr") == train.TrainConfig().lr
+    assert set(options.HELP) >= {"hidden", "activation", "optimizer", "epochs", "label"}
