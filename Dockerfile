@@ -6,10 +6,17 @@
 # Stages: "model" installs the package with the train extra, trains the default digits model and
 # converts it (the converter's parity gate verifies the ONNX file against the checkpoint); "venv"
 # installs the serving package alone into /opt/venv; the final stage copies the two onto a clean
-# python:3.11-slim. Versions come from constraints.txt (the lock file CI installs from too).
-# Plain Dockerfile instructions only: it builds with the legacy builder and with BuildKit alike.
+# python:3.11-slim. The build stage's versions come from constraints.txt (the lock file CI installs
+# from too); the runtime venv installs locks/serve.txt with --require-hashes. Both are written by
+# deploy/lock.sh. Plain Dockerfile instructions only: it builds with the legacy builder and with
+# BuildKit alike.
+#
+# The base image is a build argument so that it can be pinned by digest where a registry serves
+# it (CI builds python:3.11-slim locally, where no registry digest exists):
+#   docker build --build-arg PYTHON_IMAGE=python:3.11-slim@sha256:<digest> -t bnserve .
+ARG PYTHON_IMAGE=python:3.11-slim
 
-FROM python:3.11-slim AS model
+FROM ${PYTHON_IMAGE} AS model
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -30,21 +37,24 @@ RUN bnserve train sklearn:digits --out /tmp/digits \
     && python -c "import onnx, sys; onnx.checker.check_model(sys.argv[1], full_check=True)" \
         /models/digits/1/model.onnx
 
-FROM python:3.11-slim AS venv
+FROM ${PYTHON_IMAGE} AS venv
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md LICENSE constraints.txt ./
+COPY pyproject.toml README.md LICENSE locks/serve.txt ./
 COPY bnserve/ bnserve/
 COPY models/ models/
 COPY converter/ converter/
 COPY service/ service/
-# The base (serving) install only: no trainer libraries, no compilers, no pip cache, and no pip in
+# The base (serving) install only: every file checked against the hashes in locks/serve.txt, then
+# bnserve itself without dependencies; no trainer libraries, compilers or pip cache, and no pip in
 # the venv itself (the base image's pip installs into it).
 RUN python -m venv --without-pip /opt/venv \
-    && pip --python /opt/venv/bin/python install --no-cache-dir --constraint constraints.txt .
+    && pip --python /opt/venv/bin/python install --no-cache-dir --require-hashes --no-deps \
+        -r serve.txt \
+    && pip --python /opt/venv/bin/python install --no-cache-dir --no-deps .
 
-FROM python:3.11-slim
+FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="bnserve" \
       org.opencontainers.image.description="BN MLP classifier served over HTTP (simple JSON API and Open Inference Protocol v2)" \
       org.opencontainers.image.licenses="MIT"

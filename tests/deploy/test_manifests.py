@@ -221,21 +221,26 @@ def test_dockerfile_runtime_stage(dockerfile):
     assert ".[train]" in text, "the build stage installs the train extra"
     assert "bnserve train sklearn:digits" in text and "bnserve convert" in text
     assert "constraints.txt" in text
-    first_from = re.search(r"^FROM\s+(\S+)", text, re.M).group(1)
-    assert first_from == "python:3.11-slim"
+    base = re.search(r"^ARG PYTHON_IMAGE=(\S+)", text, re.M).group(1)
+    assert base == "python:3.11-slim", "the base image, pinnable by digest with --build-arg"
+    assert re.search(r"^FROM\s+(\S+)", text, re.M).group(1) == "${PYTHON_IMAGE}"
+    assert "--require-hashes" in text, "the runtime venv is hash-checked"
+    assert re.search(r"\bserve(-cuda)?\.txt\b", text)
     for name in ("BNSERVE_MODEL", "BNSERVE_HOST", "BNSERVE_PORT", "BNSERVE_DEVICE"):
         assert name in final
 
 
 def test_cuda_variant_matches_onnxruntime_gpu_build():
     text = (ROOT / "Dockerfile.cuda").read_text()
-    base = re.search(r"^FROM\s+(nvidia/cuda:\S+)", text, re.M).group(1)
-    m = re.match(r"nvidia/cuda:(\d+)\.\d+\.\d+-cudnn(\d*)-runtime-", base)
-    assert m, f"not a CUDA runtime image with cuDNN: {base}"
-    pins = constraints()
+    base = re.search(r"^ARG CUDA_IMAGE=(nvidia/cuda:\S+)", text, re.M).group(1)
+    m = re.match(r"nvidia/cuda:(\d+)\.\d+\.\d+-cudnn(\d*)-runtime-ubuntu24\.04", base)
+    assert m, f"not a CUDA runtime image with cuDNN on Ubuntu 24.04 (Python 3.12): {base}"
+    pins = hashed_lock("serve-cuda.txt")
     assert pins["onnxruntime-gpu"].startswith("1.31"), "CUDA 13 + cuDNN 9 is onnxruntime-gpu 1.31's"
+    assert "onnxruntime" not in pins, "only one package may provide the onnxruntime module"
     assert m.group(1) == "13"
-    assert "onnxruntime-gpu" in text and "BNSERVE_DEVICE=cuda" in text
+    assert "serve-cuda.txt" in text and "--require-hashes" in text
+    assert "BNSERVE_DEVICE=cuda" in text
 
 
 def test_dockerignore_keeps_the_context_small():
@@ -250,6 +255,7 @@ def test_dockerignore_keeps_the_context_small():
         "pyproject.toml",
         "README.md",
         "constraints.txt",
+        "locks",
         "bnserve",
         "models",
         "converter",
@@ -287,3 +293,31 @@ def test_lock_file_pins_every_dependency():
         {norm(re.match(r"[A-Za-z0-9_.-]+", req).group(0)) for req in wanted} - pins.keys()
     )
     assert not missing, f"not pinned in constraints.txt: {missing}; run bash deploy/lock.sh"
+
+
+def hashed_lock(name: str) -> dict[str, str]:
+    """The pins of locks/NAME; every one must carry at least one sha256 hash."""
+    text = (ROOT / "locks" / name).read_text()
+    pins = {}
+    for block in re.split(r"\n(?=[a-z0-9])", text):
+        m = re.match(r"([A-Za-z0-9_.-]+)==(\S+)", block)
+        if m is None:
+            continue
+        assert "--hash=sha256:" in block, f"locks/{name}: {m.group(0)} has no hash"
+        pins[norm(m.group(1))] = m.group(2)
+    return pins
+
+
+def test_serving_locks_are_hashed_and_agree_with_the_ci_lock():
+    """The images' serving installs (locks/*.txt, --require-hashes) hold every base dependency
+    at the version CI tests (constraints.txt)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    base = {norm(re.match(r"[A-Za-z0-9_.-]+", req).group(0)) for req in project["dependencies"]}
+    ci = constraints()
+    for name, swap in (("serve.txt", {}), ("serve-cuda.txt", {"onnxruntime": "onnxruntime-gpu"})):
+        pins = hashed_lock(name)
+        wanted = {swap.get(b, b) for b in base}
+        assert wanted <= pins.keys(), f"locks/{name} misses {sorted(wanted - pins.keys())}"
+        for dist, version in pins.items():
+            if dist in ci:
+                assert ci[dist] == version, f"locks/{name}: {dist} {version} vs CI {ci[dist]}"
