@@ -21,6 +21,7 @@ import numpy as np
 from bnserve.atomic import atomic_path
 from bnserve.errors import CheckpointError
 from bnserve.models.network import NetworkSpec, Params, expected_shapes, predict_proba
+from bnserve.models.tabular import Preprocessor
 
 FORMAT_NAME = "bnserve-checkpoint"
 FORMAT_VERSION = 1
@@ -38,6 +39,9 @@ class Checkpoint:
     config: dict[str, Any] = field(default_factory=dict)
     data_fingerprint: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
+    # Raw tabular inputs (models/tabular.py): how raw columns become `feature_names`; None when
+    # the features are the data's own numeric columns.
+    preprocessor: Preprocessor | None = None
 
     @property
     def has_population_stats(self) -> bool:
@@ -78,6 +82,8 @@ def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike[str]) -> None:
         "data_fingerprint": ckpt.data_fingerprint,
         "metrics": ckpt.metrics,
     }
+    if ckpt.preprocessor is not None:
+        header["preprocessing"] = ckpt.preprocessor.to_json()
     arrays = {HEADER_KEY: np.frombuffer(json.dumps(header, sort_keys=True).encode(), np.uint8)}
     arrays.update({k: np.ascontiguousarray(v) for k, v in sorted(ckpt.params.items())})
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -122,6 +128,8 @@ def _from_header(path: Path, header: Any, arrays: dict[str, np.ndarray]) -> Chec
         stats_default = header["stats_default"]
         class_names = [str(c) for c in header["class_names"]]
         feature_names = [str(f) for f in header["feature_names"]]
+        raw_columns = header.get("preprocessing")
+        preprocessor = None if raw_columns is None else Preprocessor.from_json(raw_columns)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: invalid checkpoint header ({e})") from e
     shapes = expected_shapes(spec)
@@ -140,6 +148,8 @@ def _from_header(path: Path, header: Any, arrays: dict[str, np.ndarray]) -> Chec
             raise CheckpointError(f"{path}: array {name!r} is {arrays[name].dtype}, expected float")
     if len(class_names) != spec.n_classes or len(feature_names) != spec.n_features:
         raise CheckpointError(f"{path}: class or feature names do not match the network's shape")
+    if preprocessor is not None and preprocessor.encoded_names() != feature_names:
+        raise CheckpointError(f"{path}: the preprocessing does not produce the network's features")
     if stats_default not in STATS_KINDS:
         raise CheckpointError(f"{path}: unknown default statistics {stats_default!r}")
     params = {k: arrays[k] for k in shapes}
@@ -153,6 +163,7 @@ def _from_header(path: Path, header: Any, arrays: dict[str, np.ndarray]) -> Chec
         config=_dict(header.get("config")),
         data_fingerprint=str(header.get("data_fingerprint", "")),
         metrics=_dict(header.get("metrics")),
+        preprocessor=preprocessor,
     )
 
 

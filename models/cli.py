@@ -36,6 +36,12 @@ TRAIN_OPTIONS = (
 )  # fmt: skip
 
 
+#: How a CSV's columns are chosen and read (models/tabular.py).
+COLUMN_OPTIONS = (
+    "drop", "features", "keep_id", "categorical", "missing_values", "min_frequency",
+)  # fmt: skip
+
+
 def train_parser() -> argparse.ArgumentParser:
     # Every option defaults to None so that a --config file can fill what the command line omits.
     p = _Parser(prog="bnserve train", description="Train a batch-normalized MLP in numpy.")
@@ -48,7 +54,7 @@ def train_parser() -> argparse.ArgumentParser:
     add_options(p, TRAIN_OPTIONS)
     test = p.add_mutually_exclusive_group()
     add_options(test, ("test", "test_split"))
-    add_options(p, ("val_split", "patience", "seed", "dtype", "label"))
+    add_options(p, ("val_split", "patience", "seed", "dtype", "label", *COLUMN_OPTIONS))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -114,6 +120,7 @@ def train_main(argv: list[str]) -> int:
     from tqdm import tqdm
 
     from bnserve.models.checkpoint import save_checkpoint
+    from bnserve.models.data import describe_data, load_dataset
     from bnserve.models.plots import plot_curves
     from bnserve.models.train import train
 
@@ -135,8 +142,11 @@ def train_main(argv: list[str]) -> int:
         )
         bar.update(1)
 
+    data = load_dataset(args.data, config.label, config.column_options())
+    if not args.quiet:
+        print(describe_data(data), file=sys.stderr)
     try:
-        result = train(config, args.data, on_epoch)
+        result = train(config, data, on_epoch)
     finally:
         bar.close()
     if result.metrics["diverged"] and result.metrics["best_epoch"] == 0:

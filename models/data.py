@@ -1,7 +1,10 @@
 """Loading and validating data sets: CSV with a header, `.npz` with `X` and `y`, or `sklearn:NAME`.
 
 Every problem raises `DataError` with the file and, where it applies, the row and column, so the CLI
-can print it and exit with code 2.
+can print it and exit with code 2. A CSV whose feature columns are all complete numbers is read
+into `Dataset.X` directly; any other (strings, booleans, missing cells) keeps its raw columns in
+`Dataset.table` with the column kinds in `Dataset.preprocessor`, fitted on the training split
+only (`Dataset.encode`, models/tabular.py).
 """
 
 from __future__ import annotations
@@ -15,30 +18,90 @@ from pathlib import Path
 import numpy as np
 
 from bnserve.errors import DataError
+from bnserve.models.tabular import (
+    ColumnOptions,
+    Preprocessor,
+    RawTable,
+    needs_preprocessing,
+    select_columns,
+    summary,
+    type_columns,
+)
 
 BUNDLED = ("digits", "iris", "wine", "breast_cancer")
 
 
 @dataclass
 class Dataset:
-    X: np.ndarray  # [n, F] float64
+    X: np.ndarray | None  # [n, F] float64 (None for a raw table until `encode`)
     y: np.ndarray  # [n] int64 class indices into class_names
     class_names: list[str]
-    feature_names: list[str]
+    feature_names: list[str]  # the network's features (encoded names for a raw table)
     source: str
+    table: RawTable | None = None  # the raw feature columns, when they need preprocessing
+    preprocessor: Preprocessor | None = None
+    label: str | None = None  # the label column's name (CSV)
+    label_defaulted: bool = False
 
     @property
     def n_features(self) -> int:
+        assert self.X is not None, "encode() a raw table first"
         return self.X.shape[1]
 
+    def encode(self, train_rows: np.ndarray) -> None:
+        """Fit the preprocessing on `train_rows` and encode every row (raw tables only)."""
+        if self.table is None or self.preprocessor is None:
+            return
+        self.preprocessor.fit(self.table, train_rows)
+        self.X = self.preprocessor.transform(self.table)
+        self.feature_names = self.preprocessor.encoded_names()
 
-def load_dataset(source: str, label: str | None = None) -> Dataset:
+
+def describe_data(data: Dataset) -> str:
+    """What will be trained on: rows, the label, and each raw column's kind and missing count."""
+    if data.table is None or data.preprocessor is None:
+        return (
+            f"{data.source}: {len(data.y)} rows, {len(data.feature_names)} numeric features, "
+            f"{len(data.class_names)} classes"
+        )
+    return (
+        summary(data.preprocessor.columns, data.label or "?", data.label_defaulted, len(data.y))
+        + f"\n  ({len(data.class_names)} classes)"
+    )
+
+
+@dataclass
+class RawData:
+    """What a data source holds before labels are encoded."""
+
+    X: np.ndarray | None
+    labels: list[str]
+    feature_names: list[str]
+    table: RawTable | None = None
+    preprocessor: Preprocessor | None = None
+    label: str | None = None  # the label column's name (CSV)
+    label_defaulted: bool = False
+
+
+def load_dataset(
+    source: str, label: str | None = None, options: ColumnOptions | None = None
+) -> Dataset:
     """Load `source` and check it is usable for training (finite numbers, at least two classes)."""
-    X, labels, feature_names = load_raw(source, label)
-    class_names, y = _encode_labels(labels)
+    raw = load_source(source, label, options=options)
+    class_names, y = _encode_labels(raw.labels)
     if len(class_names) < 2:
         raise DataError(f"{source}: only one class ({class_names[0]!r}); need at least two")
-    return Dataset(X, y, class_names, feature_names, source)
+    return Dataset(
+        raw.X,
+        y,
+        class_names,
+        raw.feature_names,
+        source,
+        raw.table,
+        raw.preprocessor,
+        raw.label,
+        raw.label_defaulted,
+    )
 
 
 def load_raw(
@@ -46,9 +109,27 @@ def load_raw(
     label: str | None,
     require_label: bool = True,
 ) -> tuple[np.ndarray, list[str], list[str]]:
-    """Returns `(X, labels as strings, feature names)`."""
+    """Returns `(X, labels as strings, feature names)` of an all-numeric source."""
+    raw = load_source(source, label, require_label)
+    if raw.X is None:
+        assert raw.table is not None
+        raise DataError(
+            f"{source}: columns that are not complete numbers "
+            f"({', '.join(repr(c.name) for c in raw.preprocessor.columns if c.kind != 'numeric' or c.missing_in_data)}); "
+            "this needs a model trained on such data"
+        )
+    return raw.X, raw.labels, raw.feature_names
+
+
+def load_source(
+    source: str,
+    label: str | None,
+    require_label: bool = True,
+    options: ColumnOptions | None = None,
+) -> RawData:
+    """Any data source: numeric features in `X`, or a raw table to preprocess."""
     if source.startswith("sklearn:"):
-        return _load_bundled(source)
+        return RawData(*_load_bundled(source))
     path = Path(source)
     if not path.exists():
         raise DataError(f"{source}: no such file")
@@ -58,9 +139,10 @@ def load_raw(
         raise DataError(f"{source}: the file is empty")
     if path.suffix.lower() == ".npz":
         X, labels, names = _load_npz(path, require_label)
-    else:
-        X, labels, names = _load_csv(path, label, require_label)
-    return X, canonical_labels(labels), names
+        return RawData(X, canonical_labels(labels), names)
+    raw = _load_csv(path, label, require_label, options or ColumnOptions())
+    raw.labels = canonical_labels(raw.labels)
+    return raw
 
 
 def _load_bundled(source: str) -> tuple[np.ndarray, list[str], list[str]]:
@@ -162,8 +244,8 @@ def canonical_labels(labels: list[str]) -> list[str]:
 
 
 def _load_csv(
-    path: Path, label: str | None, require_label: bool
-) -> tuple[np.ndarray, list[str], list[str]]:
+    path: Path, label: str | None, require_label: bool, options: ColumnOptions
+) -> RawData:
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.reader(f))
@@ -187,39 +269,47 @@ def _load_csv(
         label_col = header.index(label)
     elif require_label:
         label_col = len(header) - 1
-    feature_cols = [i for i in range(len(header)) if i != label_col]
-    if not feature_cols:
-        raise DataError(f"{path}: no feature columns")
-    X = np.empty((len(body), len(feature_cols)), dtype=np.float64)
-    labels: list[str] = []
     for r, row in enumerate(body):
-        line = r + 2  # 1-based, after the header
         if len(row) != len(header):
             raise DataError(
-                f"{path}: row {line} has {len(row)} fields, expected {len(header)} (ragged row)"
+                f"{path}: row {r + 2} has {len(row)} fields, expected {len(header)} (ragged row)"
             )
-        for j, col in enumerate(feature_cols):
-            cell = row[col].strip()
-            try:
-                value = float(cell)
-            except ValueError:
-                raise DataError(
-                    f"{path}: row {line}, column {header[col]!r}: {cell!r} is not a number"
-                ) from None
-            if not math.isfinite(value):
-                raise DataError(
-                    f"{path}: row {line}, column {header[col]!r}: {cell!r} is not a finite number"
-                )
-            X[r, j] = value
-        if label_col is not None:
-            text = row[label_col].strip()
-            # empty or NaN is how spreadsheets and pandas write a missing value, not a class
-            if not text or text.lower() == "nan":
-                raise DataError(
-                    f"{path}: row {line}, column {header[label_col]!r}: missing label ({text!r})"
-                )
-            labels.append(text)
-    return X, labels, [header[c] for c in feature_cols]
+    columns = [[row[j].strip() for row in body] for j in range(len(header))]
+    labels: list[str] = []
+    if label_col is not None:
+        labels = columns[label_col]
+        # empty or NaN is how spreadsheets and pandas write a missing value, not a class
+        missing = [r + 2 for r, text in enumerate(labels) if not text or text.lower() == "nan"]
+        if missing:
+            shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+            where = f"row {shown}" if len(missing) == 1 else f"{len(missing)} rows ({shown})"
+            defaulted = " (the label by default: the last column; choose it with --label)"
+            raise DataError(
+                f"{path}: {where}, column {header[label_col]!r}: missing label"
+                + (defaulted if label is None else "")
+            )
+        names, cells = select_columns(header, columns, label_col, options, str(path))
+    else:
+        names = [h for h in header if h not in options.drop]
+        cells = [columns[header.index(h)] for h in names]
+    kinds = type_columns(names, cells, options, str(path))
+    raw = RawData(None, labels, names, label=None if label_col is None else header[label_col])
+    raw.label_defaulted = label is None and label_col is not None
+    if needs_preprocessing(kinds):
+        raw.table = RawTable(names, cells, str(path))
+        raw.preprocessor = Preprocessor(kinds, options.missing_values, options.min_frequency)
+        return raw
+    X = np.array([[float(v) for v in column] for column in cells], dtype=np.float64).T
+    bad = []
+    for j in range(X.shape[1]):
+        rows = np.flatnonzero(~np.isfinite(X[:, j]))
+        if len(rows):
+            cell = cells[j][rows[0]]
+            bad.append(f"row {rows[0] + 2}, column {names[j]!r}: {cell!r} is not a finite number")
+    if bad:
+        raise DataError(f"{path}: " + "; ".join(bad))
+    raw.X = X
+    return raw
 
 
 def _check_finite(X: np.ndarray, where: str, row_offset: int) -> None:
@@ -289,10 +379,28 @@ def stratified_split(
 
 
 def load_for_model(
-    source: str, feature_names: list[str], class_names: list[str], label: str | None = None
+    source: str,
+    feature_names: list[str],
+    class_names: list[str],
+    label: str | None = None,
+    preprocessor: Preprocessor | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Features in the model's column order (CSV columns are matched by name) and labels encoded
-    with the model's classes; any mismatch is a DataError that names the columns."""
+    """Features in the model's column order (CSV columns are matched by name; raw columns go
+    through the model's fitted `preprocessor`) and labels encoded with the model's classes; any
+    mismatch is a DataError that names the columns."""
+    if preprocessor is not None:
+        names = tuple(preprocessor.names)  # only the model's columns; kept ids stay kept
+        options = ColumnOptions(
+            features=names, keep_id=names, missing_values=preprocessor.missing_values
+        )
+        raw = load_source(source, label, options=options)
+        if raw.table is None:  # every column complete numbers this time: still the model's
+            assert raw.X is not None
+            raw.table = RawTable(
+                raw.feature_names, [[repr(v) for v in col] for col in raw.X.T], source
+            )
+        X = preprocessor.transform(raw.table)
+        return X, encode_with(class_names, canonical_labels(raw.labels), source)
     X, labels, names = load_raw(source, label)
     if names != feature_names:
         if sorted(names) != sorted(feature_names):

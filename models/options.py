@@ -41,6 +41,12 @@ HELP: dict[str, str] = {
     "seed": "random seed",
     "dtype": "floating-point type of the training arithmetic",
     "label": "label column of a CSV (default the last)",
+    "drop": "CSV columns to leave out, comma-separated (an unnamed column: --drop '')",
+    "features": "the only CSV columns to use as features, comma-separated (default: all but the label)",
+    "keep_id": "identifier-like CSV columns to keep as features on purpose, comma-separated",
+    "categorical": "numeric CSV columns to treat as categories (e.g. small integer codes)",
+    "missing_values": "cell texts that mean a missing value, comma-separated",
+    "min_frequency": "training rows a category needs for its own one-hot column (rarer: other)",
 }
 
 
@@ -57,8 +63,16 @@ def int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def text_list(text: str) -> tuple[str, ...]:
+    """`a, b` -> ("a", "b"); `''` (an empty argument) -> ("",), e.g. a column without a name."""
+    if text == "":
+        return ("",)
+    return tuple(part.strip() for part in text.split(","))
+
+
 #: How a command-line value becomes the type of the option's default (str when it has none).
-_PARSERS: dict[type, Any] = {tuple: int_list, int: int, float: float}
+_PARSERS: dict[type, Any] = {tuple: text_list, int: int, float: float}
+_PARSERS_BY_NAME: dict[str, Any] = {"hidden": int_list}
 
 
 def default_of(name: str) -> Any:
@@ -70,7 +84,9 @@ def default_of(name: str) -> Any:
 
 
 def _shown(value: Any) -> str:
-    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
+    return str(value)
 
 
 def add_options(
@@ -97,7 +113,7 @@ def add_options(
         if isinstance(default, bool):
             kwargs["action"] = "store_true"
         else:
-            kwargs["type"] = _PARSERS.get(type(default), str)
+            kwargs["type"] = _PARSERS_BY_NAME.get(name) or _PARSERS.get(type(default), str)
             if name in CHOICES:
                 kwargs["choices"] = CHOICES[name]
         target.add_argument("--" + name.replace("_", "-"), **kwargs)

@@ -29,6 +29,7 @@ from bnserve.models.network import (
     loss_and_grads,
 )
 from bnserve.models.optim import OPTIMIZERS, SCHEDULES, make_optimizer, scheduled_lr
+from bnserve.models.tabular import DEFAULT_MIN_FREQUENCY, DEFAULT_MISSING, ColumnOptions
 
 DTYPES = {"float64": np.float64, "float32": np.float32}
 
@@ -39,6 +40,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "lr_schedule": SCHEDULES,
     "dtype": tuple(DTYPES),
 }
+_STRING_LISTS = ("drop", "features", "keep_id", "categorical", "missing_values")
 _FLOATS = (
     "lr", "beta1", "beta2", "momentum", "weight_decay", "lr_decay", "dropout", "bn_momentum",
     "bn_eps", "leaky_slope", "test_split", "val_split",
@@ -95,6 +97,13 @@ class TrainConfig:
     split_seed: int | None = None  # seeds the data split alone (tune: same split, other seeds)
     dtype: str = "float64"
     label: str | None = None
+    # Raw tabular data (models/tabular.py): which columns, and how cells are read.
+    drop: tuple[str, ...] = ()
+    features: tuple[str, ...] = ()
+    keep_id: tuple[str, ...] = ()
+    categorical: tuple[str, ...] = ()
+    missing_values: tuple[str, ...] = DEFAULT_MISSING
+    min_frequency: int = DEFAULT_MIN_FREQUENCY
 
     def __post_init__(self) -> None:
         # A --config file is JSON: every value is checked here (type and range), so a bad one is
@@ -109,7 +118,14 @@ class TrainConfig:
                 raise ValueError(
                     f"--{_flag(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}"
                 )
-        for name in ("batch_size", "epochs", "patience", "seed"):
+        for name in _STRING_LISTS:
+            value = getattr(self, name)
+            if isinstance(value, str) or not isinstance(value, list | tuple):
+                raise ValueError(f"--{_flag(name)} must be a list of column names, got {value!r}")
+            if not all(isinstance(v, str) for v in value):
+                raise ValueError(f"--{_flag(name)} must be a list of strings, got {value!r}")
+            setattr(self, name, tuple(value))
+        for name in ("batch_size", "epochs", "patience", "seed", "min_frequency"):
             setattr(self, name, _integer(name, getattr(self, name)))
         if self.split_seed is not None:
             self.split_seed = _integer("split_seed", self.split_seed)
@@ -147,6 +163,19 @@ class TrainConfig:
             raise ValueError(f"--bn-momentum must be in (0, 1], got {self.bn_momentum}")
         if self.bn_eps <= 0:
             raise ValueError(f"--bn-eps must be positive, got {self.bn_eps}")
+        if self.min_frequency < 1:
+            raise ValueError(f"--min-frequency must be at least 1, got {self.min_frequency}")
+
+    def column_options(self) -> ColumnOptions:
+        """How a CSV's columns are chosen and read (models/tabular.py)."""
+        return ColumnOptions(
+            self.drop,
+            self.features,
+            self.keep_id,
+            self.categorical,
+            self.missing_values,
+            self.min_frequency,
+        )
 
     @classmethod
     def option_names(cls) -> list[str]:
@@ -154,7 +183,8 @@ class TrainConfig:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        d["hidden"] = list(self.hidden)
+        for name in ("hidden", *_STRING_LISTS):
+            d[name] = list(getattr(self, name))
         return d
 
 
@@ -176,22 +206,30 @@ class TrainResult:
 
 
 def split_data(data: Dataset, config: TrainConfig, rng: np.random.Generator) -> Splits:
-    """Test part (a separate file or a stratified fraction), then validation from the rest."""
-    X, y = data.X, data.y
+    """Test part (a separate file or a stratified fraction), then validation from the rest. A raw
+    table's preprocessing is fitted on the training rows only, then every row is encoded."""
+    y = data.y
+    rows = np.arange(len(y))
+    test_rows = None
+    if not config.test and config.test_split > 0:
+        rest, test_rows = stratified_split(y, config.test_split, rng)
+        rows = rows[rest]
+    rest, val = stratified_split(y[rows], config.val_split, rng)
+    train_rows, val_rows = rows[rest], rows[val]
+    data.encode(train_rows)
+    X = data.X
+    assert X is not None
     if config.test:
         # Columns are matched by name, as `evaluate` does: the same columns in another order are
         # the same test set, not an error.
         X_test, y_test = load_for_model(
-            config.test, data.feature_names, data.class_names, config.label
+            config.test, data.feature_names, data.class_names, config.label, data.preprocessor
         )
-    elif config.test_split > 0:
-        rest, held = stratified_split(y, config.test_split, rng)
-        X_test, y_test = X[held], y[held]
-        X, y = X[rest], y[rest]
+    elif test_rows is not None:
+        X_test, y_test = X[test_rows], y[test_rows]
     else:
         X_test = y_test = None
-    rest, held = stratified_split(y, config.val_split, rng)
-    return Splits(X[rest], y[rest], X[held], y[held], X_test, y_test)
+    return Splits(X[train_rows], y[train_rows], X[val_rows], y[val_rows], X_test, y_test)
 
 
 def standardization(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -264,7 +302,7 @@ def train(
     """Train a network on `data` (a Dataset or a source string) and return its checkpoint."""
     started = time.perf_counter()
     if isinstance(data, str):
-        data = load_dataset(data, config.label)
+        data = load_dataset(data, config.label, config.column_options())
     dtype = DTYPES[config.dtype]
     seeds = np.random.SeedSequence(config.seed).spawn(4)
     split_rng, init_rng, shuffle_rng, dropout_rng = (np.random.default_rng(s) for s in seeds)
@@ -372,6 +410,7 @@ def train(
         config=config.to_json() | {"data": data.source},
         data_fingerprint=fingerprint(data.X, data.y, data.class_names),
         metrics=metrics,
+        preprocessor=data.preprocessor,
     )
     return TrainResult(checkpoint, history, metrics)
 
