@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from bnserve.atomic import check_output_dir
-from bnserve.converter import export, verify
+from bnserve.converter import export, preprocess, verify
 from bnserve.converter.freeze import freeze_checkpoint
 from bnserve.converter.frozen import (
     FoldedMLP,
@@ -147,6 +147,7 @@ def checkpoint_reference(
     X: np.ndarray,
     stats: str,
     logits: bool,
+    feeds: dict[str, np.ndarray] | None = None,
 ) -> verify.Reference:
     """What the written file is judged against (verify.parity_gate): the checkpoint's network in
     float64 (models/ computes it, independently of the fold arithmetic under test).
@@ -155,9 +156,10 @@ def checkpoint_reference(
     forward pass in float32 and, for a folded model, the folded weights in float32 with two
     summation orders, because folding can make float32 legitimately worse (a large input mean
     over a small std, or a large BN scale, moves into a bias that cancels against x @ W); those
-    are admissible only after the fold itself passed its float64 check."""
+    are admissible only after the fold itself passed its float64 check. `X` is the network's
+    input; `feeds` the raw columns a model with preprocessing reads (X is their encoding)."""
     ref_logits, ref_probs = _reference(ckpt, X, stats)
-    onnxruntime32 = verify.run_model(export.serialize(unfolded), X, "disabled")
+    onnxruntime32 = verify.run_model(export.serialize(unfolded), X if feeds is None else feeds)
     numpy_logits, numpy_probs = _unfolded_numpy_float32(ckpt, X, stats)
 
     def outputs(probs: np.ndarray, logit_values: np.ndarray) -> dict[str, np.ndarray]:
@@ -227,6 +229,9 @@ def convert_checkpoint(
     check_options(opset, atol)
     ckpt = load_checkpoint(checkpoint_path)
     net, chosen = freeze_checkpoint(ckpt, stats)
+    pre = ckpt.preprocessor
+    if pre is not None:
+        preprocess.check_opset(pre, opset)
 
     unfolded = export.build_unfolded_model(net, opset=opset, logits=logits)
     folded: FoldedMLP | None = None
@@ -240,6 +245,10 @@ def convert_checkpoint(
     else:
         report = unfolded_report(net)
         model = unfolded
+    if pre is not None:  # raw columns in, the training's preprocessing inside the graph
+        preprocess.with_preprocessing(unfolded, pre, export.INPUT_NAME)
+        if model is not unfolded:
+            preprocess.with_preprocessing(model, pre, export.INPUT_NAME)
     warnings = list(report["warnings"])
     for w in warnings:
         if warn is not None:
@@ -254,11 +263,19 @@ def convert_checkpoint(
         source_sha256=file_sha256(checkpoint_path),
         data_fingerprint=ckpt.data_fingerprint,
     )
+    if pre is not None:
+        metadata["bnserve.preprocessing"] = export.to_json(pre.to_json())
     export.set_metadata(model, metadata)
     export.check_model(model)
 
     X = verify.make_probes(net.input_mean, net.input_std)
-    reference = checkpoint_reference(ckpt, unfolded, folded, X, chosen, logits)
+    feeds = None
+    if pre is not None:  # probes of the raw columns (missing cells, unseen categories included)
+        feeds = preprocess.raw_probes(
+            pre, net.input_mean, net.input_std, len(X), verify.PROBE_SEED
+        )
+        X = preprocess.encode_probes(pre, feeds).astype(np.float32)
+    reference = checkpoint_reference(ckpt, unfolded, folded, X, chosen, logits, feeds)
 
     created = _make_parents(output_path.parent)
     try:
@@ -273,7 +290,7 @@ def convert_checkpoint(
         with os.fdopen(fd, "wb") as f:
             f.write(export.serialize(model))
         # The gate runs the file actually written, at both optimization levels.
-        result = verify.parity_gate(tmp, X, reference, atol)
+        result = verify.parity_gate(tmp, X if feeds is None else feeds, reference, atol)
         if not result.passed:
             raise ParityError(result.message)
         parity = result.report

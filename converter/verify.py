@@ -90,15 +90,18 @@ def session(model: ModelSource, level: str = "disabled", threads: int = 1) -> or
     return ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-def run_model(model: ModelSource, X: Array, level: str = "disabled") -> dict[str, Array]:
-    """All outputs of `model` on `X` (fed to its first input), by output name."""
+Feeds = Array | dict[str, Array]
+
+
+def run_model(model: ModelSource, X: Feeds, level: str = "disabled") -> dict[str, Array]:
+    """All outputs of `model` on `X`: one array fed to its first input, or arrays by input name."""
     sess = session(model, level)
     names = [o.name for o in sess.get_outputs()]
-    values = sess.run(names, {sess.get_inputs()[0].name: X})
+    values = sess.run(names, X if isinstance(X, dict) else {sess.get_inputs()[0].name: X})
     return dict(zip(names, values, strict=True))
 
 
-def run_checked(model: ModelSource, X: Array, level: str, what: str) -> dict[str, Array]:
+def run_checked(model: ModelSource, X: Feeds, level: str, what: str) -> dict[str, Array]:
     """`run_model`, with onnxruntime's own exception types turned into a ModelError naming `what`."""
     try:
         return run_model(model, X, level)
@@ -222,7 +225,7 @@ class Reference:
     fold_check: dict[str, float] = field(default_factory=dict)
 
 
-def parity_gate(path: ModelSource, X: Array, reference: Reference, atol: float) -> ParityResult:
+def parity_gate(path: ModelSource, X: Feeds, reference: Reference, atol: float) -> ParityResult:
     """Run the file at `path` on `X` at every optimization level and judge each of its outputs
     against `reference`: floating outputs with `evaluate_parity` (atol scaled by the output's
     magnitude, so 1 for probabilities and relative for logits), others by exact equality. The
@@ -246,7 +249,7 @@ def parity_gate(path: ModelSource, X: Array, reference: Reference, atol: float) 
             ref_rows,
             errors[0],
             atol * scale,
-            X,
+            X if not isinstance(X, dict) else None,  # raw columns: no single input row to show
             noise_floor=max(errors),
         )
         per_output[name] = {**result.report, "scale": scale}
