@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from bnserve.errors import ModelError
+from bnserve.service.columns import RawColumn, read_columns
 from bnserve.service.config import OUTPUT_KINDS
 
 #: The newest `bnserve.format_version` this service understands.
@@ -27,6 +28,8 @@ _ONNX_TO_NUMPY = {
     onnx.TensorProto.DOUBLE: np.dtype(np.float64),
     onnx.TensorProto.FLOAT16: np.dtype(np.float16),
 }
+# A raw-column model's inputs may also be strings (service/columns.py).
+_INPUT_TYPES = {**_ONNX_TO_NUMPY, onnx.TensorProto.STRING: np.dtype(object)}
 # Other outputs a classifier may have next to its scores (a predicted label, as sklearn-onnx
 # writes): returned by the V2 API as they are, never used as scores.
 _OTHER_OUTPUTS = {
@@ -64,6 +67,9 @@ class ModelInfo:
     labels: tuple[Any, ...] | None
     feature_names: tuple[str, ...] | None
     metadata: dict[str, str] = field(default_factory=dict)
+    # A model with one input per raw table column (service/columns.py); `input` then stands for
+    # all of them: no name, width = the number of columns, `feature_names` = the column names.
+    columns: tuple[RawColumn, ...] | None = None
 
     @property
     def fixed_batch(self) -> int | None:
@@ -118,14 +124,21 @@ def describe(model: onnx.ModelProto, output_kind: str = "auto", where: str = "mo
 
     graph = model.graph
     initializers = {t.name for t in graph.initializer}
-    inputs = [_tensor_spec(v, where) for v in graph.input if v.name not in initializers]
-    if len(inputs) != 1:
-        names = ", ".join(repr(i.name) for i in inputs)
+    inputs = [
+        _tensor_spec(v, where, _INPUT_TYPES) for v in graph.input if v.name not in initializers
+    ]
+    columns = read_columns(metadata, inputs, where)
+    if columns is not None:
+        feature_names: list[Any] | None = [c.name for c in columns]
+        the_input = TensorSpec("", np.dtype(np.float32), (None, len(columns)))
+    elif len(inputs) != 1 or inputs[0].dtype.kind != "f":
+        names = ", ".join(f"{i.name!r} ({i.dtype})" for i in inputs)
         raise ModelError(
-            f"{where}: expected one input [batch, F], the graph has {len(inputs)}: {names}"
+            f"{where}: expected one float input [batch, F], the graph has {len(inputs)}: {names}"
         )
-    feature_names = _json_list(metadata, "bnserve.feature_names", where)
-    the_input = _check_input(inputs[0], feature_names, where)
+    else:
+        feature_names = _json_list(metadata, "bnserve.feature_names", where)
+        the_input = _check_input(inputs[0], feature_names, where)
 
     outputs = tuple(_tensor_spec(v, where, _OTHER_OUTPUTS) for v in graph.output)
     names = [o.name for o in outputs]
@@ -164,6 +177,7 @@ def describe(model: onnx.ModelProto, output_kind: str = "auto", where: str = "mo
         labels=tuple(labels) if labels is not None else None,
         feature_names=tuple(str(n) for n in feature_names) if feature_names is not None else None,
         metadata=metadata,
+        columns=columns,
     )
 
 

@@ -117,6 +117,12 @@ class Metrics:
             "Requests being handled now (summed over live workers)",
             multiprocess_mode="livesum",
         )
+        self.unknown_categories = Counter(
+            "bnserve_unknown_categories_total",
+            "Categorical values a model never saw in training (answered as its 'other' "
+            "categories), by model and input column",
+            ["model", "input"],
+        )
         self.model_loads = Counter(
             "bnserve_model_loads_total",
             "Model versions loaded into a worker (boot and reload), by model and result",
@@ -148,6 +154,14 @@ class Metrics:
         if timer is None:
             timer = self._request_seconds[route] = self.request_seconds.labels(route)
         timer.observe(seconds)
+
+    def unknown_category_counter(self, model: str) -> Any:
+        """`count(column, n)`: unknown categories seen by `model` (handed to the runtime)."""
+
+        def count(column: str, n: int) -> None:
+            self.unknown_categories.labels(model, column).inc(n)
+
+        return count
 
     def inference_observer(self, model: str) -> Any:
         """The `observe(seconds)` of the model's inference histogram (handed to the runtime)."""

@@ -109,6 +109,7 @@ class ModelRegistry:
         if self.metrics is not None:
             self.metrics.model_loads.labels(name, "ok").inc()
             runtime.observe = self.metrics.inference_observer(name)
+            runtime.count_unknown = self.metrics.unknown_category_counter(name)
         return runtime
 
     def attach_metrics(self, metrics: Any) -> None:
@@ -117,6 +118,7 @@ class ModelRegistry:
         for model in self.models.values():
             for version, runtime in model.loaded.items():
                 runtime.observe = metrics.inference_observer(model.name)
+                runtime.count_unknown = metrics.unknown_category_counter(model.name)
                 sha = self.hashes.get((model.name, version), "")
                 metrics.served(model.name, version, runtime.device, sha, True)
 

@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from bnserve.errors import ModelError
+from bnserve.service.columns import empty_feeds, unknown_categories
 from bnserve.service.config import DEVICES
 from bnserve.service.metadata import ModelInfo, load_info
 
@@ -95,6 +96,7 @@ class ModelRuntime:
     n_classes: int
     load_seconds: float
     observe: Callable[[float], None] | None = None  # the inference latency histogram
+    count_unknown: Callable[[str, int], None] | None = None  # unknown categories, by column
 
     @classmethod
     def load(
@@ -110,8 +112,9 @@ class ModelRuntime:
         start = time.perf_counter()
         info = load_info(path, output_kind)
         session, used = create_session(path, device, intra_op_threads)
-        if [i.name for i in session.get_inputs()] != [info.input.name]:
-            raise ModelError(f"{path}: onnxruntime sees inputs other than {info.input.name!r}")
+        expected = [c.name for c in info.columns] if info.columns else [info.input.name]
+        if sorted(i.name for i in session.get_inputs()) != sorted(expected):
+            raise ModelError(f"{path}: onnxruntime sees inputs other than {expected}")
         runtime = cls(name, version, path, info, session, used, 0, 0.0)
         runtime.n_classes = runtime._warm_up()
         runtime.load_seconds = time.perf_counter() - start
@@ -120,9 +123,13 @@ class ModelRuntime:
     def _warm_up(self) -> int:
         """One run before serving (first runs allocate and are slow); returns the class count."""
         rows = self.info.fixed_batch or 1
-        x = np.zeros((rows, self.info.n_features), dtype=self.info.input.dtype)
+        if self.info.columns is not None:
+            feeds = empty_feeds(self.info.columns, rows)  # every cell missing: imputed
+        else:
+            x = np.zeros((rows, self.info.n_features), dtype=self.info.input.dtype)
+            feeds = {self.info.input.name: x}
         try:
-            (scores,) = self.session.run([self.info.score_output], {self.info.input.name: x})
+            (scores,) = self.session.run([self.info.score_output], feeds)
         except Exception as exc:
             raise ModelError(f"{self.path}: warm-up inference failed: {exc}") from exc
         if scores.ndim != 2 or scores.shape[0] != rows:
@@ -158,6 +165,7 @@ class ModelRuntime:
             "feature_names": list(info.feature_names) if info.feature_names else None,
             "outputs": [o.name for o in info.outputs],
             "labels": [str(label) for label in self.labels],
+            "columns": [(c.name, c.kind) for c in info.columns] if info.columns else None,
         }
 
     @cached_property
@@ -165,17 +173,28 @@ class ModelRuntime:
         """Feature name -> column, for requests that send features by name."""
         return {name: i for i, name in enumerate(self.info.feature_names or ())}
 
-    def run(self, output_names: list[str], x: np.ndarray) -> list[np.ndarray]:
-        """Run the graph on a `[batch, F]` array (cast to the input's dtype)."""
+    def run(
+        self, output_names: list[str], x: np.ndarray | dict[str, np.ndarray]
+    ) -> list[np.ndarray]:
+        """Run the graph on a `[batch, F]` array (cast to the input's dtype), or on one array
+        per raw column (a model with `info.columns`)."""
+        if isinstance(x, dict):
+            if self.count_unknown is not None and self.info.columns is not None:
+                for column, n in unknown_categories(x, self.info.columns).items():
+                    self.count_unknown(column, n)
+            return self._timed(output_names, x)
         if x.dtype != self.info.input.dtype:
             x = x.astype(self.info.input.dtype)
         fixed = self.info.fixed_batch
         if fixed is not None and len(x) != fixed:
             return self._run_fixed(output_names, x, fixed)
+        return self._timed(output_names, {self.info.input.name: x})
+
+    def _timed(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         if self.observe is None:
-            return self.session.run(output_names, {self.info.input.name: x})
+            return self.session.run(output_names, feeds)
         start = time.perf_counter()
-        outputs = self.session.run(output_names, {self.info.input.name: x})
+        outputs = self.session.run(output_names, feeds)
         self.observe(time.perf_counter() - start)
         return outputs
 
@@ -192,7 +211,7 @@ class ModelRuntime:
             parts.append(self.run(output_names, chunk))
         return [np.concatenate([p[i] for p in parts])[:n] for i in range(len(output_names))]
 
-    def probabilities(self, x: np.ndarray) -> np.ndarray:
+    def probabilities(self, x: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
         """Class probabilities `[batch, C]` float32: softmax applied when the model gives logits."""
         (scores,) = self.run([self.info.score_output], x)
         scores = scores.astype(np.float32, copy=False)

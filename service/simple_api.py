@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from bnserve.service.body import JsonBudget, dumps, json_type, parse_json_object, read_body
+from bnserve.service.columns import RawColumn, feeds_from_rows
 from bnserve.service.errors import BadRequestError, PayloadTooLargeError
 from bnserve.service.registry import ModelRegistry
 from bnserve.service.routes import Answer, Call, json_answer
@@ -88,15 +89,19 @@ def to_array(rows: list[list[float]], runtime: ModelRuntime) -> np.ndarray:
 
 def parse_predict_request(
     body: dict[str, Any], runtime: ModelRuntime, max_batch: int
-) -> tuple[np.ndarray, bool, int | None]:
-    """(x `[n, F]`, whether the request was `instances`, top_k) from a parsed body."""
+) -> tuple[np.ndarray | dict[str, np.ndarray], bool, int | None]:
+    """(x `[n, F]`, or one array per raw column, whether the request was `instances`, top_k)
+    from a parsed body."""
     has_features, has_instances = "features" in body, "instances" in body
     if has_features == has_instances:
         raise BadRequestError(
             f"expected a JSON object with either 'features' or 'instances', like {EXAMPLE}"
         )
     top_k = _top_k(body.get("top_k"), runtime.n_classes)
+    columns = runtime.info.columns
     if has_features:
+        if columns is not None:
+            return feeds_from_rows([body["features"]], columns, "features"), False, top_k
         return to_array([features_row(body["features"], runtime)], runtime), False, top_k
     instances = body["instances"]
     if not isinstance(instances, list) or not instances:
@@ -107,6 +112,8 @@ def parse_predict_request(
         raise PayloadTooLargeError(
             f"too many rows: {len(instances)} instances, at most {max_batch} per request"
         )
+    if columns is not None:
+        return feeds_from_rows(instances, columns, "instances"), True, top_k
     rows = [features_row(row, runtime, f"instances[{i}]") for i, row in enumerate(instances)]
     return to_array(rows, runtime), True, top_k
 
@@ -149,9 +156,13 @@ def predictions(runtime: ModelRuntime, probabilities: np.ndarray, top_k: int | N
 def explain(registry: ModelRegistry, runtime: ModelRuntime, max_batch: int) -> dict[str, Any]:
     """What `POST /predict` expects, with an example body for this model."""
     info = runtime.info
-    example_features = (
+    example_features: Any = (
         {name: 0.0 for name in info.feature_names[:3]} if info.feature_names else [0.0] * 3
     )
+    extra: dict[str, Any] = {}
+    if info.columns is not None:
+        example_features = {c.name: _example(c) for c in info.columns}
+        extra["columns"] = [c.describe() for c in info.columns]
     return {
         "usage": (
             f"POST a JSON object {EXAMPLE} with {info.n_features} features per example "
@@ -166,7 +177,14 @@ def explain(registry: ModelRegistry, runtime: ModelRuntime, max_batch: int) -> d
         "max_batch": max_batch,
         "example_partial": {"features": example_features},
         "models": {name: m.version_names() for name, m in registry.models.items()},
+        **extra,
     }
+
+
+def _example(column: RawColumn) -> Any:
+    if column.kind == "categorical":
+        return column.categories[0] if column.categories else None
+    return False if column.kind == "boolean" else 0.0
 
 
 def predict_body(

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 import bnserve
 from bnserve.service.body import JsonBudget, dumps, json_type, parse_json_object, read_body
+from bnserve.service.columns import RawColumn, decode_column
 from bnserve.service.errors import BadRequestError, ForbiddenError, GatewayTimeoutError
 from bnserve.service.registry import ModelRegistry, ModelVersions
 from bnserve.service.reload import ReloadError
@@ -63,17 +66,22 @@ def model_metadata(
         "sha256": sha256,  # the served file's content hash: it changes with every reload
         **info.reports(),
     }
-    return {
-        "name": model.name,
-        "versions": model.version_names(),
-        "platform": PLATFORM,
-        "inputs": [
+    if info.columns is not None:
+        inputs = [{"name": c.name, "datatype": c.datatype, "shape": [-1, 1]} for c in info.columns]
+        parameters["columns"] = [c.describe() for c in info.columns]
+    else:
+        inputs = [
             {
                 "name": info.input.name,
                 "datatype": datatype_of(info.input.dtype),
                 "shape": [-1, info.n_features],
             }
-        ],
+        ]
+    return {
+        "name": model.name,
+        "versions": model.version_names(),
+        "platform": PLATFORM,
+        "inputs": inputs,
         "outputs": outputs,
         "parameters": parameters,
     }
@@ -103,18 +111,21 @@ def infer(
     budget = JsonBudget.for_rows(max_batch, runtime.info.n_features)
     header = parse_json_object(header_bytes, EXAMPLE, budget)
     inputs = header.get("inputs")
-    if not isinstance(inputs, list) or len(inputs) != 1:
+    info = runtime.info
+    request_id = header.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise BadRequestError(f"'id' must be a string, got a JSON {json_type(request_id)}")
+    if info.columns is not None:
+        x: Any = decode_columns(inputs, binary, info.columns, max_batch)
+    elif not isinstance(inputs, list) or len(inputs) != 1:
         got = len(inputs) if isinstance(inputs, list) else "no array of"
         raise BadRequestError(
             f"expected 'inputs' with exactly one tensor named {runtime.info.input.name!r}, got {got} inputs"
         )
-    request_id = header.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise BadRequestError(f"'id' must be a string, got a JSON {json_type(request_id)}")
-    info = runtime.info
-    x = decode_input(
-        inputs[0], binary, info.input.name, info.n_features, info.input.dtype, max_batch
-    )
+    else:
+        x = decode_input(
+            inputs[0], binary, info.input.name, info.n_features, info.input.dtype, max_batch
+        )
     requested = _requested_outputs(header, runtime)
     names = list(dict.fromkeys(name for name, _, _ in requested))
     results = dict(zip(names, runtime.run(names, x), strict=True))
@@ -143,6 +154,40 @@ def infer(
         return json_part, {"Content-Type": "application/json"}
     headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(json_part))}
     return json_part + b"".join(tails), headers
+
+
+def decode_columns(
+    inputs: Any, binary: memoryview, columns: tuple[RawColumn, ...], max_batch: int
+) -> dict[str, np.ndarray]:
+    """The named input tensors of a raw-column model, one per column, all of one batch size;
+    binary parts are taken in the order of the inputs, as the protocol lays them out."""
+    names = [c.name for c in columns]
+    if not isinstance(inputs, list) or not all(isinstance(t, dict) for t in inputs):
+        raise BadRequestError(f"'inputs' must be an array of tensors, one per column {names}")
+    given = [t.get("name") for t in inputs]
+    absent = [n for n in names if n not in given]
+    unknown = [n for n in given if n not in names]
+    if absent or unknown or len(given) != len(set(given)):
+        raise BadRequestError(
+            f"expected one input per column {names} (BYTES for categorical, FP32 otherwise); "
+            f"missing {absent}, unknown {unknown}"
+        )
+    by_name = {c.name: c for c in columns}
+    feeds, offset = {}, 0
+    for tensor in inputs:
+        column = by_name[tensor["name"]]
+        feeds[column.name] = decode_column(tensor, binary[offset:], column, max_batch)
+        parameters = tensor.get("parameters")
+        if isinstance(parameters, dict) and type(parameters.get("binary_data_size")) is int:
+            offset += parameters["binary_data_size"]
+    if offset != len(binary):
+        raise BadRequestError(
+            f"the body has {len(binary)} bytes of binary data, the inputs declare {offset}"
+        )
+    rows = {len(a) for a in feeds.values()}
+    if len(rows) != 1:
+        raise BadRequestError(f"every input must have the same batch size, got {sorted(rows)}")
+    return feeds
 
 
 def _requested_outputs(
