@@ -170,5 +170,5 @@ def predict_main(argv: list[str]) -> int:
     probabilities = score(runtime, x, args.batch_size)
     out = Path(args.out)
     write_predictions(out, runtime, probabilities)
-    print(f"bnserve predict: {len(x)} rows scored with {name} v{version} -> {out}")
+    print(f"bnserve predict: {len(probabilities)} rows scored with {name} v{version} -> {out}")
     return 0

@@ -136,6 +136,22 @@ def cell(column: RawColumn, value: Any, where: str) -> float | str:
     )
 
 
+def text_cell(column: RawColumn, text: str, where: str) -> float | str:
+    """One CSV cell of `column` as the graph reads it; the training's missing texts are missing."""
+    text = text.strip()
+    if text in column.missing_texts:
+        return MISSING_TEXT if column.kind == CATEGORICAL else math.nan
+    if column.kind == CATEGORICAL:
+        return text
+    if column.kind == BOOLEAN:
+        return cell(column, text, where)
+    try:
+        value = float(text)
+    except ValueError:
+        raise BadRequestError(f"{where}: {text!r} is not a number") from None
+    return cell(column, value, where)
+
+
 def feeds_from_rows(
     rows: list[Any], columns: tuple[RawColumn, ...], where: str
 ) -> dict[str, np.ndarray]:

@@ -131,10 +131,15 @@ def describe(model: onnx.ModelProto, output_kind: str = "auto", where: str = "mo
     if columns is not None:
         feature_names: list[Any] | None = [c.name for c in columns]
         the_input = TensorSpec("", np.dtype(np.float32), (None, len(columns)))
-    elif len(inputs) != 1 or inputs[0].dtype.kind != "f":
-        names = ", ".join(f"{i.name!r} ({i.dtype})" for i in inputs)
+    elif len(inputs) != 1:
+        names = ", ".join(repr(i.name) for i in inputs)
         raise ModelError(
-            f"{where}: expected one float input [batch, F], the graph has {len(inputs)}: {names}"
+            f"{where}: expected one input [batch, F], the graph has {len(inputs)}: {names}"
+        )
+    elif inputs[0].dtype.kind != "f":
+        raise ModelError(
+            f"{where}: input {inputs[0].name!r} holds {inputs[0].dtype}; expected float "
+            "[batch, F] (or the raw columns bnserve convert describes in bnserve.preprocessing)"
         )
     else:
         feature_names = _json_list(metadata, "bnserve.feature_names", where)

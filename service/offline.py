@@ -13,14 +13,20 @@ from pathlib import Path
 import numpy as np
 
 from bnserve.atomic import atomic_path
-from bnserve.errors import DataError, UsageError
+from bnserve.errors import BnserveError, DataError, UsageError
+from bnserve.service.columns import RawColumn, text_cell
 from bnserve.service.runtime import ModelRuntime
 
 
-def read_features(path: Path, runtime: ModelRuntime) -> np.ndarray:
-    """`[n, F]` float array from a CSV (by feature name when the model has names) or an npz."""
+def read_features(path: Path, runtime: ModelRuntime) -> np.ndarray | dict[str, np.ndarray]:
+    """`[n, F]` float array from a CSV (by feature name when the model has names) or an npz;
+    for a raw-column model, one array per column of a CSV (columns by name, cells as text)."""
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
+    if runtime.info.columns is not None:
+        if path.suffix not in (".csv", ".txt"):
+            raise DataError(f"{path}: this model reads raw table columns: give a .csv file")
+        return _read_raw_csv(path, runtime.info.columns)
     if path.suffix == ".npz":
         return _read_npz(path, runtime.info.n_features)
     if path.suffix in (".csv", ".txt"):
@@ -98,6 +104,36 @@ def _read_csv(path: Path, runtime: ModelRuntime) -> np.ndarray:
     return _finite(x, path)
 
 
+def _read_raw_csv(path: Path, columns: tuple[RawColumn, ...]) -> dict[str, np.ndarray]:
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        rows = [row for row in csv.reader(f) if row]
+    if not rows:
+        raise DataError(f"{path}: empty CSV file")
+    header = [h.strip() for h in rows[0]]
+    missing = [c.name for c in columns if c.name not in header]
+    if missing:
+        raise DataError(f"{path}: the model's columns {missing} are missing (header: {header})")
+    extra = [h for h in header if h not in {c.name for c in columns}]
+    if extra:
+        print(f"bnserve predict: ignoring columns {', '.join(map(repr, extra))}", file=sys.stderr)
+    feeds = {}
+    errors = []
+    for column in columns:
+        j = header.index(column.name)
+        values = []
+        for i, row in enumerate(rows[1:]):
+            where = f"line {i + 2}, column {column.name!r}"
+            try:
+                values.append(text_cell(column, row[j] if j < len(row) else "", where))
+            except BnserveError as exc:
+                errors.append(str(exc))
+                break
+        feeds[column.name] = np.array(values, dtype=column.dtype).reshape(-1, 1)
+    if errors:
+        raise DataError(f"{path}: " + "; ".join(errors))
+    return feeds
+
+
 def _all_numbers(row: list[str]) -> bool:
     try:
         [float(cell) for cell in row]
@@ -113,11 +149,21 @@ def _finite(x: np.ndarray, path: Path) -> np.ndarray:
     return x
 
 
-def score(runtime: ModelRuntime, x: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+def score(
+    runtime: ModelRuntime, x: np.ndarray | dict[str, np.ndarray], batch_size: int = 4096
+) -> np.ndarray:
     """Class probabilities for every row, in batches to bound memory."""
-    if len(x) == 0:
+    n = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+    if n == 0:
         return np.zeros((0, runtime.n_classes), dtype=np.float32)
-    parts = [runtime.probabilities(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    parts = []
+    for i in range(0, n, batch_size):
+        part = (
+            {k: v[i : i + batch_size] for k, v in x.items()}
+            if isinstance(x, dict)
+            else x[i : i + batch_size]
+        )
+        parts.append(runtime.probabilities(part))
     return np.concatenate(parts)
 
 

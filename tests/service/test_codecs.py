@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tritonclient.utils as triton
 
+from bnserve.service.columns import RawColumn, decode_column, feeds_from_rows, unknown_categories
 from bnserve.service.errors import BadRequestError, PayloadTooLargeError
 from bnserve.service.runtime import ModelRuntime
 from bnserve.service.simple_api import parse_predict_request, predictions
@@ -168,3 +169,69 @@ def test_simple_requests_by_position_and_by_name_give_the_same_rows(runtime) -> 
 def test_bad_simple_requests(runtime, body: dict, error: type, message: str) -> None:
     with pytest.raises(error, match=message):
         parse_predict_request(body, runtime, 8)
+
+
+COLUMNS = (
+    RawColumn("size", "numeric"),
+    RawColumn("flag", "boolean"),
+    RawColumn("color", "categorical", ("red", "blue"), frozenset({"", "NA"})),
+)
+
+
+def test_raw_rows_become_one_array_per_column() -> None:
+    rows = [
+        {"size": 2, "flag": True, "color": "red"},
+        {"size": None, "flag": "no", "color": None},
+        [1.5, 0, "purple"],
+    ]
+    feeds = feeds_from_rows(rows, COLUMNS, "instances")
+    assert feeds["size"].dtype == np.float32 and feeds["size"].shape == (3, 1)
+    assert feeds["size"][0, 0] == 2 and np.isnan(feeds["size"][1, 0])
+    assert feeds["flag"][:, 0].tolist() == [1.0, 0.0, 0.0]
+    assert feeds["color"][:, 0].tolist() == ["red", "", "purple"]
+    assert unknown_categories(feeds, COLUMNS) == {"color": 1}
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"size": 1, "flag": True}, r"missing fields \['color'\] \(send null"),
+        ({"size": 1, "flag": True, "color": "red", "x": 1}, r"unknown fields \['x'\]"),
+        ({"size": "big", "flag": True, "color": "red"}, "'size'.* must be a number or null"),
+        ({"size": 1, "flag": "maybe", "color": "red"}, "'flag'.* must be true, false or null"),
+        ({"size": 1, "flag": True, "color": [1]}, "'color'.* must be a category"),
+        ([1, True], "expected 3 values in the order"),
+    ],
+)
+def test_bad_raw_rows_name_the_field(row, message: str) -> None:
+    with pytest.raises(BadRequestError, match=message):
+        feeds_from_rows([row], COLUMNS, "features")
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_v2_columns_decode_json_and_tritonclient_binary(binary: bool) -> None:
+    colors = np.array([["red"], [""], ["purple"]], dtype=object)
+    sizes = np.array([[1.0], [np.nan], [3.0]], dtype=np.float32)
+    if binary:
+        raw_colors = triton.serialize_byte_tensor(colors).item()
+        color = {"name": "color", "datatype": "BYTES", "shape": [3, 1],
+                 "parameters": {"binary_data_size": len(raw_colors)}}  # fmt: skip
+        size = {"name": "size", "datatype": "FP32", "shape": [3, 1],
+                "parameters": {"binary_data_size": 12}}  # fmt: skip
+        tail = memoryview(raw_colors + sizes.tobytes())
+        got_color = decode_column(color, tail, COLUMNS[2], 8)
+        got_size = decode_column(size, tail[len(raw_colors) :], COLUMNS[0], 8)
+    else:
+        color = {
+            "name": "color",
+            "datatype": "BYTES",
+            "shape": [3],
+            "data": ["red", None, "purple"],
+        }
+        size = {"name": "size", "datatype": "FP32", "shape": [3, 1], "data": [[1], [None], [3]]}
+        got_color = decode_column(color, memoryview(b""), COLUMNS[2], 8)
+        got_size = decode_column(size, memoryview(b""), COLUMNS[0], 8)
+    assert got_color[:, 0].tolist() == ["red", "", "purple"]
+    np.testing.assert_array_equal(got_size, sizes)
+    with pytest.raises(BadRequestError, match="takes BYTES"):
+        decode_column({**color, "datatype": "FP32"}, memoryview(b""), COLUMNS[2], 8)
