@@ -271,9 +271,7 @@ def convert_checkpoint(
     X = verify.make_probes(net.input_mean, net.input_std)
     feeds = None
     if pre is not None:  # probes of the raw columns (missing cells, unseen categories included)
-        feeds = preprocess.raw_probes(
-            pre, net.input_mean, net.input_std, len(X), verify.PROBE_SEED
-        )
+        feeds = preprocess.raw_probes(pre, net.input_mean, net.input_std, len(X), verify.PROBE_SEED)
         X = preprocess.encode_probes(pre, feeds).astype(np.float32)
     reference = checkpoint_reference(ckpt, unfolded, folded, X, chosen, logits, feeds)
 
