@@ -47,12 +47,15 @@ def _errors(*codes: int) -> dict[str, Any]:
     return {str(code): _json(_ref("Error"), text[code]) for code in codes}
 
 
-def _schemas(n_features: int | None) -> dict[str, Any]:
+def _schemas(n_features: int | None, raw_columns: bool = False) -> dict[str, Any]:
     number = {"type": "number"}
+    # A model that reads raw table columns takes strings, booleans and null as well
+    # (service/columns.py).
+    cell = {"type": ["number", "string", "boolean", "null"]} if raw_columns else number
     row: dict[str, Any] = {
         "oneOf": [
-            {"type": "array", "items": number},
-            {"type": "object", "additionalProperties": number},
+            {"type": "array", "items": cell},
+            {"type": "object", "additionalProperties": cell},
         ]
     }
     if n_features is not None:
@@ -331,6 +334,9 @@ def openapi_document(registry: ModelRegistry, config: ServiceConfig) -> dict[str
     default = registry.models.get(registry.default_model or "")
     runtime = default.loaded.get(default.default) if default is not None else None
     n_features = runtime.info.n_features if runtime is not None else None
+    raw_columns = any(
+        r.info.columns is not None for m in registry.models.values() for r in m.loaded.values()
+    )
     auth = bool(config.token_file)
     path_parameters = _path_parameters(list(registry.models))
     paths: dict[str, Any] = {}
@@ -352,7 +358,7 @@ def openapi_document(registry: ModelRegistry, config: ServiceConfig) -> dict[str
         },
         "paths": paths,
         "components": {
-            "schemas": _schemas(n_features),
+            "schemas": _schemas(n_features, raw_columns),
             "parameters": {
                 "RequestId": {
                     "name": "X-Request-ID",

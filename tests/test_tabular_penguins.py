@@ -196,3 +196,37 @@ def test_tritonclient_with_bytes_inputs(server, trained, binary: bool) -> None:
         inputs.append(tensor)
     result = client.infer("penguins", inputs)
     np.testing.assert_allclose(result.as_numpy("probabilities"), _reference(ckpt, rows), atol=1e-4)
+
+
+def test_pandas_one_hot_booleans_train_convert_and_answer(tmp_path) -> None:
+    """pandas' get_dummies writes True/False columns: booleans, one float input each."""
+    pandas = pytest.importorskip("pandas")
+    frame = pandas.get_dummies(penguins.load_penguins(), columns=["island"])
+    csv = tmp_path / "dummies.csv"
+    frame.to_csv(csv, index=False)
+    out, model = tmp_path / "run", tmp_path / "m.onnx"
+    train = ["train", str(csv), "--label", "species", "--out", str(out), "--epochs", "20"]
+    assert main([*train, "--quiet"]) == 0
+    assert main(["convert", str(out / "checkpoint.npz"), "-o", str(model), "-q"]) == 0
+    ckpt = load_checkpoint(out / "checkpoint.npz")
+    kinds = {c.name: c.kind for c in ckpt.preprocessor.columns}
+    assert kinds["island_Biscoe"] == "boolean" and kinds["sex"] == "categorical"
+    from bnserve.service.app import create_app
+
+    client = create_app({"model": str(model)}).test_client()
+    row = {k: v for k, v in ROW.items() if k != "island"}
+    row |= {"island_Biscoe": True, "island_Dream": False, "island_Torgersen": "false"}
+    answer = client.post("/predict", json={"features": row})
+    assert answer.status_code == 200, answer.get_json()
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    feeds = {
+        c.name: np.array([[row[c.name]]], dtype=object)
+        if c.kind == "categorical"
+        else np.array([[np.nan if row[c.name] is None else float(row[c.name] in (True, "true")
+                        if c.kind == "boolean" else row[c.name])]], dtype=np.float32)
+        for c in ckpt.preprocessor.columns
+    }  # fmt: skip
+    feeds["sex"] = np.array([[""]], dtype=object)
+    (expected,) = session.run(["probabilities"], feeds)
+    got = answer.get_json()["probabilities"]
+    np.testing.assert_allclose([got[c] for c in ckpt.class_names], expected[0], rtol=1e-6)
