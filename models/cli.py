@@ -189,6 +189,11 @@ def evaluate_main(argv: list[str]) -> int:
         "--label", help="label column of a CSV (default: the one used in training, else the last)"
     )
     p.add_argument("--stats", choices=["running", "population"], help="default: the checkpoint's")
+    p.add_argument(
+        "--all-rows",
+        action="store_true",
+        help="score every row; by default the training data is scored on its held-out test part",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--plot", help="write the confusion matrix as a PNG")
     args = p.parse_args(argv)
@@ -197,22 +202,31 @@ def evaluate_main(argv: list[str]) -> int:
     from bnserve.models.checkpoint import load_checkpoint
     from bnserve.models.data import load_for_model
     from bnserve.models.metrics import classification_report, format_report
+    from bnserve.models.train import evaluation_rows
 
     ckpt = load_checkpoint(args.checkpoint)
     # A model trained with --label species is evaluated on the same kind of file without
     # repeating it: the default last column would be a feature there.
     trained_label = ckpt.config.get("label")
     label = args.label or (trained_label if isinstance(trained_label, str) else None)
-    X, y = load_for_model(args.data, ckpt.feature_names, ckpt.class_names, label)
+    X, y = load_for_model(args.data, ckpt.feature_names, ckpt.class_names, label, ckpt.preprocessor)
+    chosen = evaluation_rows(ckpt, X, y, args.all_rows)
     stats = ckpt.resolve_stats(args.stats)
-    report = classification_report(y, ckpt.predict_proba(X, stats), ckpt.class_names)
-    report["stats"] = stats
+    X_scored, y_scored = X[chosen.rows], y[chosen.rows]
+    report = classification_report(y_scored, ckpt.predict_proba(X_scored, stats), ckpt.class_names)
+    report.update(
+        stats=stats,
+        split=chosen.split,
+        rows_scored=len(chosen.rows),
+        rows_total=len(y),
+        split_note=chosen.note,
+    )
     if args.plot:
         require_extra("matplotlib", "train", "evaluate --plot")
         from bnserve.models.plots import plot_confusion
 
         plot_confusion(report, args.plot)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    print(json.dumps(report, indent=2) if args.json else f"{chosen.note}\n{format_report(report)}")
     return 0
 
 
@@ -361,7 +375,8 @@ def tune_main(argv: list[str]) -> int:
     plot_search(result.rows, out / "search.png")
     b = result.best
     print(
-        f"best of {len(result.rows)} trials: val accuracy {b['val_accuracy']:.4f} with lr {b['lr']:.3g}, "
+        f"best of {len(result.rows)} trials: val accuracy {b['val_accuracy']:.4f} "
+        f"(loss {b['val_loss']:.4f}) with lr {b['lr']:.3g}, "
         f"beta1 {b['beta1']:.4f}, hidden {'x'.join(map(str, b['hidden']))}, batch {b['batch_size']}, "
         f"BN {b['bn']}, weight decay {b['weight_decay']:.2g} -> {out / 'best.json'}"
     )

@@ -32,7 +32,8 @@ def classification_report(
     pr = precision + recall
     f1 = np.divide(2 * precision * recall, pr, out=np.zeros_like(tp), where=pr > 0)
     eps = np.finfo(np.float64).tiny  # log(0) would be -inf for a confident wrong answer
-    loss = float(-np.log(np.maximum(proba[np.arange(n), y_true], eps)).mean())
+    # 0.0 - mean, not -mean: a perfectly confident model's loss is 0.0, never -0.0
+    loss = 0.0 - float(np.log(np.maximum(proba[np.arange(n), y_true], eps)).mean())
     return {
         "n": int(n),
         "accuracy": float((y_pred == y_true).mean()),

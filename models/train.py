@@ -205,6 +205,14 @@ class TrainResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+def split_generator(seed: int, split_seed: int | None = None) -> np.random.Generator:
+    """The generator that cuts the data (test part, then validation): the first of the four
+    streams spawned from `split_seed` when given, else from `seed` (the other three initialize,
+    shuffle and drop out)."""
+    root = seed if split_seed is None else split_seed
+    return np.random.default_rng(np.random.SeedSequence(root).spawn(4)[0])
+
+
 def split_data(data: Dataset, config: TrainConfig, rng: np.random.Generator) -> Splits:
     """Test part (a separate file or a stratified fraction), then validation from the rest. A raw
     table's preprocessing is fitted on the training rows only, then every row is encoded."""
@@ -230,6 +238,67 @@ def split_data(data: Dataset, config: TrainConfig, rng: np.random.Generator) -> 
     else:
         X_test = y_test = None
     return Splits(X[train_rows], y[train_rows], X[val_rows], y[val_rows], X_test, y_test)
+
+
+@dataclass
+class EvaluationRows:
+    """Which rows of a data set `evaluate` scores, and a line that says which and why."""
+
+    rows: np.ndarray  # indices into the data set
+    split: str  # "test": the part `train` held out; "all": every row
+    note: str
+
+
+def evaluation_rows(
+    ckpt: Checkpoint, X: np.ndarray, y: np.ndarray, all_rows: bool = False
+) -> EvaluationRows:
+    """The test part `train` held out of this data set, cut again the way `split_data` cut it
+    (same fraction, same seed, same stratification), when the data set is the one the checkpoint
+    was trained on (its fingerprint matches) and a part of it was held out; otherwise (or with
+    `all_rows`) every row, with the reason. `X` and `y` are in the model's column and class
+    order, as `load_for_model` returns them."""
+    n = len(y)
+
+    def every(why: str) -> EvaluationRows:
+        return EvaluationRows(np.arange(n), "all", f"all {n} rows: {why}")
+
+    if all_rows:
+        return every("--all-rows")
+    if not ckpt.data_fingerprint:
+        return every("the checkpoint records no fingerprint of its training data")
+    if fingerprint(X, y, ckpt.class_names) != ckpt.data_fingerprint:
+        return every("not the data the model was trained on (the fingerprints differ)")
+    try:
+        names = set(TrainConfig.option_names())
+        config = TrainConfig(**{k: v for k, v in ckpt.config.items() if k in names})
+    except (TypeError, ValueError):
+        return every("the checkpoint does not record how its training data was split")
+    if config.test:
+        return every(
+            f"the model was tested on a separate file ({config.test}) and trained on this one, "
+            "so these rows include its training rows"
+        )
+    if config.test_split == 0:
+        return every(
+            "the model was trained with --test-split 0 (nothing held out), "
+            "so these rows include its training rows"
+        )
+    seed = config.seed if config.split_seed is None else config.split_seed
+    _, held = stratified_split(y, config.test_split, split_generator(seed))
+    if len(held) == 0:
+        return every("no class has the two examples a held-out part needs")
+    recorded = ckpt.metrics.get("n_test")
+    if isinstance(recorded, int) and recorded != len(held):
+        return every(
+            f"the held-out split does not reproduce ({len(held)} rows here, {recorded} in "
+            "training), so these rows include training rows"
+        )
+    return EvaluationRows(
+        held,
+        "test",
+        f"held-out split: {len(held)} of {n} rows "
+        f"(the test part train held out: --test-split {config.test_split:g}, seed {seed})",
+    )
 
 
 def standardization(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -260,7 +329,8 @@ def evaluate(
         return math.nan, math.nan
     logits = logits_eval(spec, params, X, stats)
     logp = layers.log_softmax(logits)
-    loss = -float(logp[np.arange(len(y)), y].mean())
+    # 0.0 - x, not -x: a perfectly confident model's loss is 0.0, never -0.0
+    loss = 0.0 - float(logp[np.arange(len(y)), y].mean())
     return loss, float((logits.argmax(axis=1) == y).mean())
 
 
@@ -305,10 +375,8 @@ def train(
         data = load_dataset(data, config.label, config.column_options())
     dtype = DTYPES[config.dtype]
     seeds = np.random.SeedSequence(config.seed).spawn(4)
-    split_rng, init_rng, shuffle_rng, dropout_rng = (np.random.default_rng(s) for s in seeds)
-    if config.split_seed is not None:
-        split_rng = np.random.default_rng(np.random.SeedSequence(config.split_seed).spawn(4)[0])
-    splits = split_data(data, config, split_rng)
+    init_rng, shuffle_rng, dropout_rng = (np.random.default_rng(s) for s in seeds[1:])
+    splits = split_data(data, config, split_generator(config.seed, config.split_seed))
     n = len(splits.y_train)
     if n < 2:
         raise DataError(f"{data.source}: {n} training example(s) left after the splits; need >= 2")

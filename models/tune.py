@@ -104,11 +104,26 @@ def trial_seed(seed: int, trial: int) -> int:
     return int(np.random.SeedSequence([seed, trial]).generate_state(1)[0])
 
 
+def rank_key(row: dict[str, Any]) -> tuple[float, float, int]:
+    """Higher validation accuracy first; among equal accuracies lower validation loss (a missing
+    or NaN loss last); among equal both the earlier trial, so the order does not depend on which
+    process finished first."""
+    loss = row.get("val_loss")
+    if loss is None or math.isnan(loss):
+        loss = math.inf
+    return (-row["val_accuracy"], loss, row["trial"])
+
+
 def best_trials(rows: Iterable[dict[str, Any]], keep: float) -> list[dict[str, Any]]:
     """The top `keep` fraction (at least 2) of finished trials by validation accuracy, then loss."""
-    done = [r for r in rows if r["status"] == "ok"]
-    done.sort(key=lambda r: (-r["val_accuracy"], r["val_loss"]))
+    done = sorted((r for r in rows if r["status"] == "ok"), key=rank_key)
     return done[: max(2, math.ceil(keep * len(done)))]
+
+
+def without_negative_zero(row: dict[str, Any]) -> dict[str, Any]:
+    """The row with -0.0 written as 0.0 (a loss of a perfectly confident model is computed as
+    -0.0; trials.csv, best.json and the summary line must not show the sign)."""
+    return {k: v + 0.0 if isinstance(v, float) else v for k, v in row.items()}
 
 
 # --- running trials -----------------------------------------------------------------------------
@@ -149,7 +164,7 @@ def run_trial(
         )
     except (BnserveError, ValueError) as e:
         row.update(status=f"failed: {e}", val_accuracy=0.0, val_loss=math.inf)
-    return row
+    return without_negative_zero(row)
 
 
 def read_trials(path: Path) -> list[dict[str, Any]]:
@@ -169,7 +184,7 @@ def read_trials(path: Path) -> list[dict[str, Any]]:
             for k in ("test_accuracy", "train_accuracy", "seconds"):
                 row[k] = float(raw[k]) if raw[k] not in ("", "None") else None
             row["hidden"] = tuple(int(w) for w in raw["hidden"].split("x"))
-            rows.append(row)
+            rows.append(without_negative_zero(row))
     return rows
 
 

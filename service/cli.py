@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -127,14 +128,20 @@ def prepare_runtime(
 def predict_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bnserve predict",
-        description="Score a CSV or npz file offline with the server's model loading and output handling.",
+        description="Score a CSV or npz file or a bundled data set offline with the server's "
+        "model loading and output handling.",
     )
     p.add_argument("model", help="an .onnx file or a model repository")
     p.add_argument(
-        "data", help="a .csv (columns by feature name when the model has them) or .npz (X)"
+        "data",
+        help="a CSV (columns by feature name when the model has them), an .npz (X), or "
+        "sklearn:digits|iris|wine|breast_cancer (needs the 'train' extra)",
     )
     p.add_argument(
-        "-o", "--out", required=True, help="output CSV: label, class_index, p_<label>..."
+        "-o",
+        "--out",
+        required=True,
+        help="output CSV: label, class_index, p_<label>...; '-' writes it to standard output",
     )
     p.add_argument("--model-name", default=None, help="which model of a repository")
     p.add_argument(
@@ -150,7 +157,7 @@ def predict_main(argv: list[str]) -> int:
     """`bnserve predict MODEL DATA -o OUT.csv`."""
     args = predict_parser().parse_args(argv)
     # onnxruntime: never in the process that becomes the gunicorn master (`serve`)
-    from bnserve.service.offline import read_features, score, write_predictions
+    from bnserve.service.offline import STDOUT, read_features, score, write_predictions
     from bnserve.service.runtime import ModelRuntime
 
     repository = find_models(args.model, args.model_name)
@@ -166,9 +173,15 @@ def predict_main(argv: list[str]) -> int:
             f"model {name!r} has no version {version} (versions: {', '.join(map(str, versions))})"
         )
     runtime = ModelRuntime.load(versions[version], name, version, args.device, 1, args.output_kind)
-    x = read_features(Path(args.data), runtime)
+    x = read_features(args.data, runtime)
     probabilities = score(runtime, x, args.batch_size)
     out = Path(args.out)
     write_predictions(out, runtime, probabilities)
-    print(f"bnserve predict: {len(probabilities)} rows scored with {name} v{version} -> {out}")
+    # with -o - standard output holds the predictions alone
+    to_stdout = args.out == STDOUT
+    print(
+        f"bnserve predict: {len(probabilities)} rows scored with {name} v{version} -> "
+        f"{'standard output' if to_stdout else out}",
+        file=sys.stderr if to_stdout else sys.stdout,
+    )
     return 0

@@ -1,4 +1,5 @@
-"""Offline batch scoring (`bnserve predict`): read CSV or npz, score, write a CSV atomically.
+"""Offline batch scoring (`bnserve predict`): read CSV, npz or a bundled data set, score, write a
+CSV atomically (or to standard output).
 
 Same model loading and output handling as the server (`ModelRuntime.probabilities`), so a file
 scored offline gets the numbers the HTTP API would give.
@@ -8,30 +9,49 @@ from __future__ import annotations
 
 import csv
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
 from bnserve.atomic import atomic_path
-from bnserve.errors import BnserveError, DataError, UsageError
+from bnserve.errors import BnserveError, DataError, UsageError, require_extra
 from bnserve.service.columns import RawColumn, text_cell
 from bnserve.service.runtime import ModelRuntime
 
+#: `-o -` writes the predictions to standard output.
+STDOUT = "-"
 
-def read_features(path: Path, runtime: ModelRuntime) -> np.ndarray | dict[str, np.ndarray]:
-    """`[n, F]` float array from a CSV (by feature name when the model has names) or an npz;
-    for a raw-column model, one array per column of a CSV (columns by name, cells as text)."""
+
+def read_features(source: str | Path, runtime: ModelRuntime) -> np.ndarray | dict[str, np.ndarray]:
+    """`[n, F]` float array from the sources `bnserve train` reads: a CSV (by feature name when
+    the model has names), an npz (`X`), or a bundled data set `sklearn:NAME` (its label is not
+    a feature); for a raw-column model, one array per column of a CSV (columns by name)."""
+    if isinstance(source, str) and source.startswith("sklearn:"):
+        return _read_bundled(source, runtime)
+    path = Path(source)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
     if runtime.info.columns is not None:
-        if path.suffix not in (".csv", ".txt"):
-            raise DataError(f"{path}: this model reads raw table columns: give a .csv file")
+        if path.suffix.lower() == ".npz":
+            raise DataError(f"{path}: this model reads raw table columns: give a CSV file")
         return _read_raw_csv(path, runtime.info.columns)
-    if path.suffix == ".npz":
+    if path.suffix.lower() == ".npz":
         return _read_npz(path, runtime.info.n_features)
-    if path.suffix in (".csv", ".txt"):
-        return _read_csv(path, runtime)
-    raise DataError(f"{path}: expected a .csv or .npz file")
+    return _read_csv(path, runtime)  # any other name is a CSV, as for `bnserve train`
+
+
+def _read_bundled(source: str, runtime: ModelRuntime) -> np.ndarray:
+    # The bundled sets are named and loaded in one place, the trainer's loader. It is imported
+    # here, not at module level: the serving package imports neither bnserve.models nor
+    # scikit-learn (docs/architecture.md), and only this data source needs them.
+    from bnserve.models.data import BUNDLED, load_raw
+
+    if source.split(":", 1)[1] in BUNDLED:
+        require_extra("sklearn", "train", f"predict {source}")
+    x, _, names = load_raw(source, None)
+    return _finite(x[:, _feature_columns(names, runtime, source)], source)
 
 
 def _read_npz(path: Path, n_features: int) -> np.ndarray:
@@ -54,13 +74,36 @@ def _read_npz(path: Path, n_features: int) -> np.ndarray:
     return _finite(x.astype(np.float64), path)
 
 
+def _feature_columns(header: list[str], runtime: ModelRuntime, source: str | Path) -> list[int]:
+    """The positions of the model's features among named columns: by name when the model has
+    names (other columns, such as a label, are ignored), else by position."""
+    n_features = runtime.info.n_features
+    names = runtime.info.feature_names
+    if names is not None and set(names) <= set(header):
+        extra = [h for h in header if h not in set(names)]
+        if extra:
+            print(f"bnserve predict: ignoring columns {', '.join(extra)}", file=sys.stderr)
+        return [header.index(n) for n in names]
+    if names is not None:
+        missing = [n for n in names if n not in header]
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise DataError(
+            f"{source}: {len(missing)} of the model's feature columns are missing: {shown}"
+        )
+    if len(header) != n_features:
+        raise DataError(f"{source}: {len(header)} columns, the model expects {n_features} features")
+    return list(range(n_features))
+
+
 def _read_csv(path: Path, runtime: ModelRuntime) -> np.ndarray:
-    with path.open(newline="") as f:
-        rows = [row for row in csv.reader(f) if row]
+    try:  # utf-8-sig: a spreadsheet's byte-order mark is not part of the first column's name
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            rows = [row for row in csv.reader(f) if row]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{path}: not a UTF-8 text CSV file ({exc})") from None
     if not rows:
         raise DataError(f"{path}: empty CSV file")
     n_features = runtime.info.n_features
-    names = runtime.info.feature_names
     header_is_numbers = _all_numbers(rows[0])
     if header_is_numbers:
         columns = list(range(len(rows[0])))
@@ -72,23 +115,7 @@ def _read_csv(path: Path, runtime: ModelRuntime) -> np.ndarray:
     else:
         header = [h.strip() for h in rows[0]]
         body = rows[1:]
-        if names is not None and set(names) <= set(header):
-            columns = [header.index(n) for n in names]
-            extra = [h for h in header if h not in set(names)]
-            if extra:
-                print(f"bnserve predict: ignoring columns {', '.join(extra)}", file=sys.stderr)
-        elif names is not None:
-            missing = [n for n in names if n not in header]
-            shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-            raise DataError(
-                f"{path}: {len(missing)} of the model's feature columns are missing: {shown}"
-            )
-        elif len(header) == n_features:
-            columns = list(range(n_features))
-        else:
-            raise DataError(
-                f"{path}: {len(header)} columns, the model expects {n_features} features"
-            )
+        columns = _feature_columns(header, runtime, path)
         column_names = header
     x = np.empty((len(body), n_features), dtype=np.float64)
     for i, row in enumerate(body):
@@ -142,7 +169,7 @@ def _all_numbers(row: list[str]) -> bool:
     return True
 
 
-def _finite(x: np.ndarray, path: Path) -> np.ndarray:
+def _finite(x: np.ndarray, path: str | Path) -> np.ndarray:
     if not np.isfinite(x).all():
         row = int(np.argwhere(~np.isfinite(x))[0][0])
         raise DataError(f"{path}: row {row} has NaN or infinite values")
@@ -169,15 +196,22 @@ def score(
 
 def write_predictions(out: Path, runtime: ModelRuntime, probabilities: np.ndarray) -> None:
     """Write label, class index and per-class probabilities; a temp file renamed into place, so
-    a reader never sees half a file and a failure leaves the old one."""
+    a reader never sees half a file and a failure leaves the old one. `-o -` writes to standard
+    output instead."""
+    if str(out) == STDOUT:
+        _write_csv(sys.stdout, runtime.labels, probabilities)
+        return
     if out.is_dir():
         raise UsageError(f"-o {out}: is a directory, expected a file name")
     if not out.parent.is_dir():
         raise UsageError(f"-o {out}: directory {out.parent} does not exist")
-    labels = runtime.labels
     with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["label", "class_index", *(f"p_{label}" for label in labels)])
-        best = probabilities.argmax(axis=1) if len(probabilities) else []
-        for row, index in zip(probabilities, best, strict=True):
-            writer.writerow([labels[index], int(index), *(str(p) for p in row)])
+        _write_csv(f, runtime.labels, probabilities)
+
+
+def _write_csv(f: TextIO, labels: Sequence[object], probabilities: np.ndarray) -> None:
+    writer = csv.writer(f)
+    writer.writerow(["label", "class_index", *(f"p_{label}" for label in labels)])
+    best = probabilities.argmax(axis=1) if len(probabilities) else []
+    for row, index in zip(probabilities, best, strict=True):
+        writer.writerow([labels[index], int(index), *(str(p) for p in row)])

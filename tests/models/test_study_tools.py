@@ -42,6 +42,7 @@ def test_evaluate_cli_matches_the_checkpoint(iris_run, tmp_path):
         "evaluate",
         str(iris_run / "checkpoint.npz"),
         "sklearn:iris",
+        "--all-rows",
         "--json",
         "--plot",
         str(tmp_path / "cm.png"),
@@ -89,6 +90,76 @@ def test_evaluate_csv_with_reordered_columns(iris_run, tmp_path):
         run_cli("evaluate", str(iris_run / "checkpoint.npz"), "sklearn:iris", "--json").stdout
     )
     assert a["confusion_matrix"] == b["confusion_matrix"]
+
+
+def test_evaluate_scores_the_held_out_split_that_train_scored(iris_run):
+    metrics = json.loads((iris_run / "metrics.json").read_text())
+    ckpt = str(iris_run / "checkpoint.npz")
+    report = json.loads(run_cli("evaluate", ckpt, "sklearn:iris", "--json").stdout)
+    assert report["split"] == "test" and report["rows_total"] == 150
+    assert report["rows_scored"] == report["n"] == metrics["n_test"] == 30
+    assert report["accuracy"] == metrics["test_accuracy"]
+    assert report["loss"] == pytest.approx(metrics["test_loss"], rel=1e-9)
+    assert report["stats"] == metrics["stats"]
+    text = run_cli("evaluate", ckpt, "sklearn:iris")
+    assert text.returncode == 0 and text.stdout.startswith("held-out split: 30 of 150 rows")
+    every = json.loads(run_cli("evaluate", ckpt, "sklearn:iris", "--all-rows", "--json").stdout)
+    assert every["split"] == "all" and every["rows_scored"] == every["n"] == 150
+    assert every["rows_scored"] != report["rows_scored"]
+    text = run_cli("evaluate", ckpt, "sklearn:iris", "--all-rows")
+    assert text.stdout.startswith("all 150 rows: --all-rows\naccuracy")
+
+
+def _small_run(**options):
+    from bnserve.models.data import load_dataset
+    from bnserve.models.train import TrainConfig, train
+
+    data = load_dataset("sklearn:iris")
+    config = TrainConfig(hidden=(4,), epochs=2, **options)
+    return data, train(config, data).checkpoint
+
+
+@pytest.mark.parametrize(
+    ("options", "seeded"),
+    [({"seed": 3}, 3), ({"seed": 3, "split_seed": 7, "test_split": 0.3}, 7)],
+)
+def test_evaluation_rows_cut_the_test_part_again(options, seeded):
+    """The rows that train held out, with the seed that cut them (tune's split_seed too)."""
+    from bnserve.models.train import evaluation_rows
+
+    data, ckpt = _small_run(**options)
+    chosen = evaluation_rows(ckpt, data.X, data.y)
+    assert chosen.split == "test" and len(chosen.rows) == ckpt.metrics["n_test"]
+    assert chosen.note.startswith(f"held-out split: {len(chosen.rows)} of 150 rows")
+    assert f"seed {seeded})" in chosen.note
+    proba = ckpt.predict_proba(data.X[chosen.rows])
+    accuracy = float((proba.argmax(1) == data.y[chosen.rows]).mean())
+    assert accuracy == ckpt.metrics["test_accuracy"]
+    assert len(evaluation_rows(ckpt, data.X, data.y, all_rows=True).rows) == 150
+
+
+def test_evaluation_rows_score_everything_and_say_why(tmp_path):
+    from bnserve.models.train import evaluation_rows
+
+    data, ckpt = _small_run()
+    other = data.X.copy()
+    other[0, 0] += 1.0  # one changed value: no longer the training data
+    chosen = evaluation_rows(ckpt, other, data.y)
+    assert chosen.split == "all" and len(chosen.rows) == 150
+    assert chosen.note == (
+        "all 150 rows: not the data the model was trained on (the fingerprints differ)"
+    )
+    data, ckpt = _small_run(test_split=0.0)
+    chosen = evaluation_rows(ckpt, data.X, data.y)
+    assert chosen.split == "all" and "--test-split 0" in chosen.note
+    test_file = tmp_path / "test.npz"
+    labels = np.array(data.class_names)[data.y[:20]]
+    np.savez(test_file, X=data.X[:20], y=labels, feature_names=data.feature_names)
+    data, ckpt = _small_run(test=str(test_file))
+    chosen = evaluation_rows(ckpt, data.X, data.y)
+    assert chosen.split == "all" and f"separate file ({test_file})" in chosen.note
+    ckpt.data_fingerprint = ""
+    assert "no fingerprint" in evaluation_rows(ckpt, data.X, data.y).note
 
 
 def test_sampling_is_log_uniform():
@@ -218,6 +289,89 @@ def test_tune_cli_best_json_round_trips_into_train(tmp_path):
     assert metrics["val_accuracy"] == pytest.approx(best["val_accuracy"])  # same seed, same split
     again = run_cli("tune", "sklearn:iris", "--out", str(out), "--trials", "4")
     assert again.returncode == 2 and "--resume" in again.stderr
+
+
+def test_trials_with_equal_val_accuracy_rank_by_val_loss_then_trial():
+    from bnserve.models.tune import best_trials
+
+    def row(trial, accuracy, loss, status="ok"):
+        return {"trial": trial, "status": status, "val_accuracy": accuracy, "val_loss": loss}
+
+    rows = [
+        row(0, 0.9, 0.30),
+        row(1, 0.9, 0.10),
+        row(2, 0.8, 0.01),
+        row(3, 0.9, 0.10),
+        row(4, 0.9, math.nan),
+        row(5, 1.0, 0.0, "failed: boom"),
+        row(6, 0.9, 0.0),
+    ]
+    assert [r["trial"] for r in best_trials(rows, 1.0)] == [6, 1, 3, 0, 4, 2]
+    assert [r["trial"] for r in best_trials(reversed(rows), 1.0)] == [6, 1, 3, 0, 4, 2]
+
+
+def _tied_train(config, data):
+    """Every trial ties on validation accuracy; a learning rate under 1e-3 gives the loss of a
+    perfectly confident model, which float arithmetic computes as -0.0."""
+    from types import SimpleNamespace
+
+    loss = -0.0 if config.lr < 1e-3 else config.lr
+    metrics = {
+        "val_accuracy": 0.9,
+        "val_loss": loss,
+        "test_accuracy": 0.8,
+        "train_accuracy": 1.0,
+        "epochs": 1,
+        "seconds": 0.01,
+    }
+    return SimpleNamespace(metrics=metrics)
+
+
+def test_tune_breaks_ties_by_val_loss_and_never_reports_negative_zero(
+    tmp_path, monkeypatch, capsys
+):
+    import bnserve.models.train
+    from bnserve.models.cli import tune_main
+
+    # the trial processes are forked from this one, so they run the patched train
+    monkeypatch.setattr(bnserve.models.train, "train", _tied_train)
+    out = tmp_path / "tune"
+    argv = ["sklearn:iris", "--out", str(out), "--trials", "8", "--rounds", "1", "--jobs", "2"]
+    assert tune_main([*argv, "--lr-range", "1e-4,1e-2", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    trials_csv = (out / "trials.csv").read_text()
+    best_json = (out / "best.json").read_text()
+    for text in (printed, trials_csv, best_json):
+        assert "-0.0" not in text
+    rows = read_trials(out / "trials.csv")
+    confident = sorted(r["trial"] for r in rows if r["lr"] < 1e-3)
+    assert confident and len(confident) < len(rows)  # both kinds of trial ran
+    assert all(math.copysign(1.0, r["val_loss"]) == 1.0 for r in rows)
+    best = json.loads(best_json)
+    assert best["trial"] == confident[0] and best["val_loss"] == 0.0
+    assert "val accuracy 0.9000 (loss 0.0000)" in printed
+    # a trials.csv written with -0.0 (by an earlier version) reads back as 0.0
+    (out / "old.csv").write_text(trials_csv.replace(",0.0,", ",-0.0,"))
+    assert "-0.0" in (out / "old.csv").read_text()
+    assert all(math.copysign(1.0, r["val_loss"]) == 1.0 for r in read_trials(out / "old.csv"))
+
+
+def test_a_perfectly_confident_loss_is_positive_zero():
+    from bnserve.models.network import NetworkSpec
+    from bnserve.models.train import evaluate
+
+    spec = NetworkSpec(n_features=1, n_classes=2, hidden=(), activation="relu", bn="none")
+    params = {
+        "input.mean": np.zeros(1),
+        "input.std": np.ones(1),
+        "output.W": np.array([[1000.0, -1000.0]]),
+        "output.b": np.zeros(2),
+    }
+    loss, accuracy = evaluate(spec, params, np.ones((3, 1)), np.zeros(3, dtype=np.int64))
+    assert accuracy == 1.0 and loss == 0.0 and math.copysign(1.0, loss) == 1.0
+    proba = np.array([[1.0, 0.0], [1.0, 0.0]])
+    report = classification_report(np.array([0, 0]), proba, ["a", "b"])
+    assert math.copysign(1.0, report["loss"]) == 1.0
 
 
 def test_tune_and_compare_cli_errors(tmp_path):

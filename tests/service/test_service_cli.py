@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -193,10 +195,90 @@ def test_predict_mismatched_columns_are_clear_errors(
     assert not out.exists()
 
 
+def test_predict_reads_any_csv_name_like_train_and_refuses_binary_data(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    x = np.random.default_rng(5).normal(size=(3, 8))
+    data = tmp_path / "data.tsv.export"  # train reads any name but .npz as a CSV; so does predict
+    rows = [",".join(FEATURE_NAMES)] + [",".join(repr(float(v)) for v in r) for r in x]
+    data.write_text("\ufeff" + "\n".join(rows) + "\n", encoding="utf-8")  # with a byte-order mark
+    out = tmp_path / "out.csv"
+    assert main(["predict", str(model), str(data), "-o", str(out)]) == 0
+    np.testing.assert_allclose(_read(out)[1], reference_run(model, x), rtol=1e-6)
+    assert main(["predict", str(model), str(model), "-o", str(out)]) == 2
+    assert "not a UTF-8 text CSV file" in capsys.readouterr().err
+
+
 def test_predict_into_a_directory_is_refused_and_keeps_nothing(model: Path, tmp_path: Path) -> None:
     np.savez(tmp_path / "d.npz", X=np.zeros((2, 8)))
     with pytest.raises(UsageError, match="is a directory"):
         predict_main([str(model), str(tmp_path / "d.npz"), "-o", str(tmp_path)])
+
+
+IRIS_LABELS = ["setosa", "versicolor", "virginica"]
+
+
+@pytest.fixture
+def iris_model(tmp_path: Path) -> Path:
+    """An iris-shaped classifier whose feature names run in the reverse of the data's order."""
+    from sklearn.datasets import load_iris
+
+    names = list(reversed(load_iris().feature_names))
+    return build_mlp_classifier(
+        tmp_path / "iris.onnx", seed=4, n_features=4, labels=IRIS_LABELS, feature_names=names
+    )
+
+
+def test_predict_reads_a_bundled_data_set_like_train(
+    iris_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from sklearn.datasets import load_iris
+
+    out = tmp_path / "out.csv"
+    assert main(["predict", str(iris_model), "sklearn:iris", "-o", str(out)]) == 0
+    header, probs, labels = _read(out)
+    assert header == ["label", "class_index", *(f"p_{c}" for c in IRIS_LABELS)]
+    x = load_iris().data[:, ::-1]  # the model's column order: matched by name, label left out
+    expected = reference_run(iris_model, x)
+    assert probs.shape == (150, 3)
+    np.testing.assert_allclose(probs, expected, rtol=1e-6, atol=1e-9)
+    assert labels == [IRIS_LABELS[i] for i in expected.argmax(axis=1)]
+    assert "150 rows scored" in capsys.readouterr().out
+    # -o - writes the same CSV to standard output, and the summary line to standard error
+    assert main(["predict", str(iris_model), "sklearn:iris", "-o", "-"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.replace("\r\n", "\n") == out.read_text().replace("\r\n", "\n")
+    assert "150 rows scored" in captured.err and "standard output" in captured.err
+    assert not (Path.cwd() / "-").exists()
+
+
+def test_predict_bundled_data_errors_name_the_set_or_the_extra(
+    iris_model: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = str(tmp_path / "out.csv")
+    assert main(["predict", str(iris_model), "sklearn:nope", "-o", out]) == 2
+    assert "unknown bundled data set" in capsys.readouterr().err
+    assert main(["predict", str(iris_model), "sklearn:wine", "-o", out]) == 2
+    assert "4 of the model's feature columns are missing" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # as if scikit-learn were not installed
+    assert main(["predict", str(iris_model), "sklearn:iris", "-o", out]) == 2
+    err = capsys.readouterr().err
+    assert "needs the 'train' extra" in err and "pip install 'bnserve[train]'" in err
+    assert not Path(out).exists()
+
+
+def test_predict_imports_the_trainer_only_for_a_bundled_data_set() -> None:
+    code = (
+        "import sys, bnserve.service.cli, bnserve.service.offline; "
+        "print(sorted(m for m in sys.modules if m.startswith(('bnserve.models', 'sklearn'))))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.strip() == "[]"
 
 
 def test_up_trains_converts_and_serves_only_what_is_missing(
