@@ -273,7 +273,7 @@ def _study_options(p: argparse.ArgumentParser, defaults: dict[str, Any]) -> None
     p.add_argument("data", help="CSV with a header, .npz with X and y, or sklearn:NAME")
     p.add_argument("--out", required=True, help="output folder")
     names = ("activation", "optimizer", "epochs", "seed", "test_split", "val_split", "label")
-    add_options(p, names, defaults)
+    add_options(p, (*names, *COLUMN_OPTIONS), defaults)
     p.add_argument(
         "--jobs", type=_positive_int, help="parallel processes (default: the number of cores)"
     )
@@ -328,7 +328,6 @@ def tune_main(argv: list[str]) -> int:
     if args.val_split <= 0:
         # Trials are ranked by validation accuracy: without a validation split there is no score.
         raise UsageError("tune ranks trials by validation accuracy; --val-split must be > 0")
-    load_dataset(args.data, args.label)  # bad data fails here, before any process starts
     space = SearchSpace(
         lr_log10=tuple(math.log10(v) for v in args.lr_range),
         one_minus_beta1_log10=tuple(math.log10(v) for v in args.one_minus_beta1_range),
@@ -347,11 +346,14 @@ def tune_main(argv: list[str]) -> int:
         "val_split": args.val_split,
         "label": args.label,
         "split_seed": args.seed,
+        **{name: getattr(args, name) for name in COLUMN_OPTIONS},
     }
     try:  # options every trial shares fail here once, not as N failed trials
-        TrainConfig(**base)
+        shared = TrainConfig(**base)
     except ValueError as e:
         raise UsageError(str(e)) from e
+    # bad data fails here, before any process starts
+    load_dataset(args.data, args.label, shared.column_options())
     out = Path(args.out)
     check_output_dir(out)
     show = not args.quiet and sys.stderr.isatty()
@@ -429,15 +431,16 @@ def compare_main(argv: list[str]) -> int:
         raise UsageError(
             "'epochs to target' is measured on validation data; --val-split must be > 0"
         )
-    data = load_dataset(args.data, args.label)
     try:
         base = TrainConfig(
             hidden=args.hidden, activation=args.activation, optimizer=args.optimizer,
             epochs=args.epochs, patience=args.epochs, batch_size=args.batch_size, seed=args.seed,
             test_split=args.test_split, val_split=args.val_split, label=args.label,
+            **{name: getattr(args, name) for name in COLUMN_OPTIONS},
         )  # fmt: skip
     except ValueError as e:
         raise UsageError(str(e)) from e
+    data = load_dataset(args.data, args.label, base.column_options())
     out = Path(args.out)
     check_output_dir(out)
     show = not args.quiet and sys.stderr.isatty()

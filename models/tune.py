@@ -145,9 +145,10 @@ def run_trial(
     from bnserve.models.data import load_dataset
     from bnserve.models.train import train
 
-    key = f"{data_source}|{base.get('label')}"
+    options = TrainConfig(**base).column_options()
+    key = f"{data_source}|{base.get('label')}|{options}"
     if key not in _worker_cache:
-        _worker_cache[key] = load_dataset(data_source, base.get("label"))
+        _worker_cache[key] = load_dataset(data_source, base.get("label"), options)
     row: dict[str, Any] = {"trial": trial, "round": rnd, "seed": base["seed"], **point}
     try:
         config = TrainConfig(**{**base, **point, "momentum": point["beta1"]})
