@@ -9,7 +9,6 @@ only (`Dataset.encode`, models/tabular.py).
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import math
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from bnserve.errors import DataError
+from bnserve.models.reading import column_text, read_csv, read_header, read_parquet
 from bnserve.models.tabular import (
     ColumnOptions,
     Preprocessor,
@@ -84,10 +84,14 @@ class RawData:
 
 
 def load_dataset(
-    source: str, label: str | None = None, options: ColumnOptions | None = None
+    source: str,
+    label: str | None = None,
+    options: ColumnOptions | None = None,
+    dtype: np.dtype | type = np.float64,
 ) -> Dataset:
-    """Load `source` and check it is usable for training (finite numbers, at least two classes)."""
-    raw = load_source(source, label, options=options)
+    """Load `source` and check it is usable for training (finite numbers, at least two classes);
+    numeric features are held as `dtype` (float32 when the model trains in float32)."""
+    raw = load_source(source, label, options=options, dtype=dtype)
     class_names, y = _encode_labels(raw.labels)
     if len(class_names) < 2:
         raise DataError(f"{source}: only one class ({class_names[0]!r}); need at least two")
@@ -126,21 +130,22 @@ def load_source(
     label: str | None,
     require_label: bool = True,
     options: ColumnOptions | None = None,
+    dtype: np.dtype | type = np.float64,
 ) -> RawData:
-    """Any data source: numeric features in `X`, or a raw table to preprocess."""
+    """Any data source: numeric features in `X` (as `dtype`), or a raw table to preprocess."""
     if source.startswith("sklearn:"):
         return RawData(*_load_bundled(source))
     path = Path(source)
     if not path.exists():
         raise DataError(f"{source}: no such file")
     if path.is_dir():
-        raise DataError(f"{source}: is a directory, expected a .csv or .npz file")
+        raise DataError(f"{source}: is a directory, expected a .csv, .parquet or .npz file")
     if path.stat().st_size == 0:
         raise DataError(f"{source}: the file is empty")
     if path.suffix.lower() == ".npz":
         X, labels, names = _load_npz(path, require_label)
         return RawData(X, canonical_labels(labels), names)
-    raw = _load_csv(path, label, require_label, options or ColumnOptions())
+    raw = _load_table(path, label, require_label, options or ColumnOptions(), np.dtype(dtype))
     raw.labels = canonical_labels(raw.labels)
     return raw
 
@@ -236,30 +241,38 @@ def _finite_number(text: str) -> float | None:
 def canonical_labels(labels: list[str]) -> list[str]:
     """Label texts as class names. A column whose every label is a finite number is numeric:
     "1", "1.0" and "01" are one class, named as the .npz loader names it ("1"), so a CSV and an
-    .npz of the same data agree; any other column keeps its texts as they are."""
-    values = [_finite_number(v) for v in labels]
-    if not labels or any(v is None for v in values):
+    .npz of the same data agree; any other column keeps its texts as they are. Decided on the
+    distinct texts, so a million rows cost one dictionary lookup each."""
+    distinct = set(labels)
+    values = {v: _finite_number(v) for v in distinct}
+    if not labels or any(v is None for v in values.values()):
         return labels
-    return [_label_text(v) for v in values]
+    names = {text: _label_text(value) for text, value in values.items()}
+    return [names[v] for v in labels]
 
 
-def _load_csv(
-    path: Path, label: str | None, require_label: bool, options: ColumnOptions
+def _load_table(
+    path: Path,
+    label: str | None,
+    require_label: bool,
+    options: ColumnOptions,
+    dtype: np.dtype,
 ) -> RawData:
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.reader(f))
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not a UTF-8 text CSV file ({e})") from e
-    rows = [r for r in rows if any(cell.strip() for cell in r)]
-    if not rows:
-        raise DataError(f"{path}: the file is empty")
-    header = [h.strip() for h in rows[0]]
-    body = rows[1:]
-    if not body:
-        raise DataError(f"{path}: only a header row, no data")
-    if len(set(header)) != len(header):
-        raise DataError(f"{path}: duplicate column names in the header")
+    """A CSV or Parquet file (models/reading.py), its label column as text."""
+    is_parquet = path.suffix.lower() == ".parquet"
+    header = None if is_parquet else read_header(path)
+    if header is not None and label is not None and label not in header:
+        raise DataError(
+            f"{path}: label column {label!r} not found; columns are: {', '.join(header)}"
+        )
+    if is_parquet:
+        table = read_parquet(path, options.missing_values, dtype)
+    else:
+        assert header is not None
+        label_name = label if label is not None else (header[-1] if require_label else None)
+        text = (label_name,) if label_name is not None else ()
+        table = read_csv(path, options.missing_values, text, dtype)
+    header = table.names
     label_col = None
     if label is not None:
         if label not in header:
@@ -269,17 +282,16 @@ def _load_csv(
         label_col = header.index(label)
     elif require_label:
         label_col = len(header) - 1
-    for r, row in enumerate(body):
-        if len(row) != len(header):
-            raise DataError(
-                f"{path}: row {r + 2} has {len(row)} fields, expected {len(header)} (ragged row)"
-            )
-    columns = [[row[j].strip() for row in body] for j in range(len(header))]
+    columns = table.columns
     labels: list[str] = []
     if label_col is not None:
-        labels = columns[label_col]
+        labels = column_text(columns[label_col], "")
         # empty or NaN is how spreadsheets and pandas write a missing value, not a class
-        missing = [r + 2 for r, text in enumerate(labels) if not text or text.lower() == "nan"]
+        missing = [
+            r + 2
+            for r, text in enumerate(labels)
+            if not text or text.lower() == "nan" or text in options.missing_values
+        ]
         if missing:
             shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
             where = f"row {shown}" if len(missing) == 1 else f"{len(missing)} rows ({shown})"
@@ -299,13 +311,16 @@ def _load_csv(
         raw.table = RawTable(names, cells, str(path))
         raw.preprocessor = Preprocessor(kinds, options.missing_values, options.min_frequency)
         return raw
-    X = np.array([[float(v) for v in column] for column in cells], dtype=np.float64).T
+    X = np.empty((table.n_rows, len(cells)), dtype=dtype)
     bad = []
-    for j in range(X.shape[1]):
-        rows = np.flatnonzero(~np.isfinite(X[:, j]))
-        if len(rows):
-            cell = cells[j][rows[0]]
-            bad.append(f"row {rows[0] + 2}, column {names[j]!r}: {cell!r} is not a finite number")
+    for j, column in enumerate(cells):
+        X[:, j] = column
+        infinite = np.flatnonzero(~np.isfinite(column))
+        if len(infinite):
+            bad.append(
+                f"row {infinite[0] + 2}, column {names[j]!r}: "
+                f"{column_text(column[infinite[:1]])[0]!r} is not a finite number"
+            )
     if bad:
         raise DataError(f"{path}: " + "; ".join(bad))
     raw.X = X
@@ -396,9 +411,7 @@ def load_for_model(
         raw = load_source(source, label, options=options)
         if raw.table is None:  # every column complete numbers this time: still the model's
             assert raw.X is not None
-            raw.table = RawTable(
-                raw.feature_names, [[repr(v) for v in col] for col in raw.X.T], source
-            )
+            raw.table = RawTable(raw.feature_names, list(raw.X.T), source)
         X = preprocessor.transform(raw.table)
         return X, encode_with(class_names, canonical_labels(raw.labels), source)
     X, labels, names = load_raw(source, label)

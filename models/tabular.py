@@ -23,7 +23,6 @@ sees. The converter writes the same steps into the ONNX graph (converter/preproc
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,21 +43,52 @@ OTHER, MISSING = "<other>", "<missing>"
 
 @dataclass
 class RawTable:
-    """A CSV's feature columns as stripped text, with their names and the file they came from."""
+    """A file's feature columns, with their names and the file they came from: numeric columns as
+    float arrays (NaN = missing, as models/reading.py reads them), others as stripped text."""
 
     names: list[str]
-    columns: list[list[str]]
+    columns: list[Any]  # np.ndarray (numbers) or list[str]
     source: str
 
     @property
     def n_rows(self) -> int:
         return len(self.columns[0]) if self.columns else 0
 
-    def column(self, name: str) -> list[str]:
+    def column(self, name: str) -> Any:
         return self.columns[self.names.index(name)]
 
     def take(self, rows: np.ndarray) -> RawTable:
-        return RawTable(self.names, [[c[i] for i in rows] for c in self.columns], self.source)
+        return RawTable(self.names, [_take(c, rows) for c in self.columns], self.source)
+
+
+def _take(column: Any, rows: np.ndarray) -> Any:
+    return column[rows] if isinstance(column, np.ndarray) else [column[i] for i in rows]
+
+
+def numbers(column: Any, missing_values: tuple[str, ...]) -> np.ndarray | None:
+    """A numeric column as float64 with NaN for missing cells; None if a text cell is no number."""
+    if isinstance(column, np.ndarray):
+        return column.astype(np.float64, copy=False)
+    out = np.empty(len(column), dtype=np.float64)
+    for i, text in enumerate(column):
+        if text in missing_values:
+            out[i] = np.nan
+            continue
+        value = _number(text)
+        if value is None:
+            return None
+        out[i] = value
+    return out
+
+
+def _as_text(cells: Any) -> list[str]:
+    """Text cells (a numeric array made categorical: whole numbers as integers, NaN missing)."""
+    if not isinstance(cells, np.ndarray):
+        return cells
+    return [
+        "" if v != v else str(int(v)) if float(v).is_integer() else repr(float(v))
+        for v in cells.tolist()
+    ]
 
 
 def _number(text: str) -> float | None:
@@ -148,7 +178,13 @@ class Preprocessor:
     def fit(self, table: RawTable, rows: np.ndarray) -> Preprocessor:
         """Learn fills, indicators and categories from `rows` of `table` (the training split)."""
         for col in self.columns:
-            cells = [table.column(col.name)[i] for i in rows]
+            cells = _take(table.column(col.name), rows)
+            if col.kind == NUMERIC:
+                values = self._numeric(col, cells, table.source)
+                present_values = values[~np.isnan(values)]
+                col.fill = float(np.median(present_values)) if len(present_values) else 0.0
+                col.indicator = len(present_values) < len(values)
+                continue
             present = [c for c in cells if not self.is_missing(c)]
             missing = len(cells) - len(present)
             if col.kind == CATEGORICAL:
@@ -160,18 +196,23 @@ class Preprocessor:
                 col.missing_column = missing > 0
                 continue
             values = np.array([self._value(col, c) for c in present], dtype=np.float64)
-            if col.kind == NUMERIC:
-                col.fill = float(np.median(values)) if len(values) else 0.0
-            else:  # the more frequent of 0 and 1 (ties: 0)
-                col.fill = float(values.mean() > 0.5) if len(values) else 0.0
+            # boolean: the more frequent of 0 and 1 (ties: 0)
+            col.fill = float(values.mean() > 0.5) if len(values) else 0.0
             col.indicator = missing > 0
         return self
 
     def _value(self, col: Column, text: str) -> float:
-        value = _number(text) if col.kind == NUMERIC else _boolean(text)
+        value = _boolean(text)
         if value is None:
             raise DataError(f"column {col.name!r}: {text!r} is not a {col.kind} value")
         return value
+
+    def _numeric(self, col: Column, cells: Any, source: str) -> np.ndarray:
+        values = numbers(cells, self.missing_values)
+        if values is None:
+            bad = next(c for c in cells if c not in self.missing_values and _number(c) is None)
+            raise DataError(f"{source}: column {col.name!r}: {bad!r} is not a number")
+        return values
 
     def transform(self, table: RawTable) -> np.ndarray:
         """The `[n, F]` float64 features of every row of `table` (columns matched by name)."""
@@ -186,24 +227,29 @@ class Preprocessor:
         for col in self.columns:
             cells = table.column(col.name)
             if col.kind == CATEGORICAL:
-                blocks.append(self._one_hot(col, cells))
+                blocks.append(self._one_hot(col, _as_text(cells)))
                 continue
-            value = np.empty(len(cells), dtype=np.float64)
-            was_missing = np.zeros(len(cells), dtype=np.float64)
-            for i, text in enumerate(cells):
-                if self.is_missing(text):
-                    value[i], was_missing[i] = col.fill, 1.0
-                    continue
-                parsed = _number(text) if col.kind == NUMERIC else _boolean(text)
-                if parsed is None or not math.isfinite(parsed):
-                    bad.append(
-                        f"row {i + 2}, column {col.name!r}: {text!r} is not a finite {col.kind} value"
-                    )
-                    break
-                value[i] = parsed
+            if col.kind == NUMERIC:
+                value = self._numeric(col, cells, table.source)
+            else:
+                value = np.full(len(cells), np.nan)
+                for i, text in enumerate(_as_text(cells)):
+                    if self.is_missing(text):
+                        continue
+                    parsed = _boolean(text)
+                    if parsed is None:
+                        bad.append(f"row {i + 2}, column {col.name!r}: {text!r} is not boolean")
+                        break
+                    value[i] = parsed
+            was_missing = np.isnan(value)
+            infinite = np.flatnonzero(np.isinf(value))
+            if len(infinite):
+                i = int(infinite[0])
+                bad.append(f"row {i + 2}, column {col.name!r}: {value[i]!r} is not a finite number")
+            value = np.where(was_missing, col.fill, value)
             blocks.append(value[:, None])
             if col.indicator:
-                blocks.append(was_missing[:, None])
+                blocks.append(was_missing[:, None].astype(np.float64))
         if bad:
             raise DataError(f"{table.source}: " + "; ".join(bad))
         return np.concatenate(blocks, axis=1)
@@ -255,8 +301,10 @@ class ColumnOptions:
     min_frequency: int = DEFAULT_MIN_FREQUENCY
 
 
-def infer_kind(cells: list[str], missing_values: tuple[str, ...]) -> str:
+def infer_kind(cells: Any, missing_values: tuple[str, ...]) -> str:
     """numeric (0/1 columns too: they are numbers already), boolean or categorical."""
+    if isinstance(cells, np.ndarray):
+        return NUMERIC
     present = [c for c in cells if c not in missing_values]
     if all(_number(c) is not None for c in present):
         return NUMERIC
@@ -270,19 +318,20 @@ ID_NAMES = frozenset({"id", "index", "idx", "row", "rowid", "row_id", "record_id
 ID_MIN_ROWS = 50
 
 
-def identifier_like(name: str, cells: list[str], missing_values: tuple[str, ...]) -> str | None:
+def identifier_like(name: str, cells: Any, missing_values: tuple[str, ...]) -> str | None:
     """Why column `name` looks like a row identifier, or None."""
     if name == "" or name.lower().startswith("unnamed:"):
         return "it has no name (a written-out index, e.g. pandas' to_csv without index=False)"
-    unique = len(set(cells)) == len(cells) and not any(c in missing_values for c in cells)
-    if unique and len(cells) >= 2 and name.lower() in ID_NAMES:
-        return "its name says it identifies rows and every value is different"
-    values = [_number(c) for c in cells]
-    if len(cells) < ID_MIN_ROWS or any(
-        v is None or not math.isfinite(v) or not v.is_integer() for v in values
-    ):
+    if name.lower() in ID_NAMES and len(cells) >= 2:
+        text = _as_text(cells)
+        if len(set(text)) == len(text) and not any(c in missing_values for c in text):
+            return "its name says it identifies rows and every value is different"
+    values = numbers(cells, missing_values)
+    if len(cells) < ID_MIN_ROWS or values is None:
         return None
-    steps = np.diff(np.array(values))
+    if not np.isfinite(values).all() or not np.all(values == np.round(values)):
+        return None
+    steps = np.diff(values)
     if np.all(steps == 1) or np.all(steps == -1):
         return "its values count the rows (whole numbers, one apart, in order)"
     return None
@@ -328,7 +377,10 @@ def type_columns(
         kind = infer_kind(column, options.missing_values)
         if name in options.categorical:
             kind = CATEGORICAL
-        missing = sum(c in options.missing_values for c in column)
+        if isinstance(column, np.ndarray):
+            missing = int(np.isnan(column).sum())
+        else:
+            missing = sum(c in options.missing_values for c in column)
         kinds.append(Column(name, kind, missing_in_data=missing))
     if identifiers:
         names_shown = ",".join(n for n, _ in identifiers) or "''"
