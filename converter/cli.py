@@ -64,14 +64,18 @@ def convert_main(argv: list[str]) -> int:
         warn=warn,
     )
     if not args.quiet:
+        from bnserve.converter.inspect import describe_allowance, describe_standardization
+
         pr = result.parity_report
         ops = ", ".join(f"{op} x{n}" for op, n in result.op_counts.items())
         print(
             f"wrote {result.path} ({'folded' if result.folded else 'unfolded'}, opset {result.opset}, "
             f"{result.stats} statistics; {ops})\n"
+            f"{describe_standardization(result.fold_report['standardization'])}\n"
             f"parity on {pr['probes']} probes: max |p - p_float64| {pr['max_abs_diff']:.3g} "
-            f"(unfolded float32 {pr['unfolded_float32_max_abs_diff']:.3g}, allowed {pr['tolerance']:.3g}), "
-            f"argmax agreement {pr['argmax_agreement'] * 100:.2f}%"
+            f"(unfolded float32 {pr['unfolded_float32_max_abs_diff']:.3g}), "
+            f"argmax agreement {pr['argmax_agreement'] * 100:.2f}%\n"
+            f"allowed {describe_allowance(pr)}"
         )
     return 0
 

@@ -1,8 +1,9 @@
 """`convert_checkpoint`: checkpoint -> verified ONNX file, the whole pipeline in one function.
 
-load -> freeze (refuse corrupt models) -> fold (float64) -> build the graph -> onnx full check ->
-write a temporary file next to the output -> parity gate on that file -> add the parity report ->
-rename into place. Nothing is left behind when any step fails.
+load -> freeze (refuse corrupt models) -> probes and float64 reference -> fold (float64; full, or
+with the input kept centred when that measures better in float32) -> build the graph -> onnx full
+check -> write a temporary file next to the output -> parity gate on that file -> add the parity
+report -> rename into place. Nothing is left behind when any step fails.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from bnserve.converter import export, preprocess, verify
 from bnserve.converter.freeze import freeze_checkpoint
 from bnserve.converter.frozen import (
     FoldedMLP,
+    FrozenMLP,
     fold_mlp,
     folded_logits,
     folded_probabilities,
@@ -41,6 +43,19 @@ LOGITS_SUMMARY = (
     "tolerance",
     "passed",
 )
+# The full fold is kept only if its float32 error on the probes is at most
+# max(min(CENTRING_FACTOR x the unfolded graph's float32 error, verify.NOISE_FACTOR x the centred
+# fold's), CENTRING_MIN_ERROR); otherwise the input means are subtracted first (a centred fold).
+# The centred comparison matters where the unfolded graph is itself imprecise: its float32 means
+# are coarse next to a tiny std, and a full fold 100x worse than the centred one stayed within
+# 2x of it. verify.NOISE_FACTOR is the gate's own allowance between float32 evaluations of one
+# network, so a full fold within it of the centred one is float32 noise, not a loss.
+CENTRING_FACTOR = 2.0
+CENTRING_MIN_ERROR = 1e-6
+# The noise floor's float32 runs, in Reference.float32_runs order (the folded two only for a
+# folded model).
+UNFOLDED_RUNS = ("unfolded float32 in onnxruntime", "unfolded float32 in numpy")
+FOLDED_RUNS = ("folded weights in float32 by matmul", "folded weights in float32 by einsum")
 
 
 @dataclass
@@ -87,15 +102,90 @@ def _reference(ckpt: Checkpoint, X: np.ndarray, stats: str) -> tuple[np.ndarray,
     return logits_eval(ckpt.spec, params64, X64, stats), ckpt.predict_proba(X64, stats)
 
 
-def _check_float32_finite(model_layers: list[tuple[str, np.ndarray]]) -> None:
-    for name, arr in model_layers:
-        with np.errstate(over="ignore"):
-            as32 = arr.astype(np.float32)
-        if not np.all(np.isfinite(as32)):
-            raise ModelError(
-                f"folded {name} does not fit in float32 (max |value| {np.max(np.abs(arr)):.3g}); "
-                "the BN scales are too large to fold. Try --no-fold"
-            )
+def _float32_overflow(folded: FoldedMLP) -> tuple[str, np.ndarray] | None:
+    """The first folded array that does not fit in float32, by name, or None."""
+    for la in folded.layers:
+        for key, arr in (("W", la.W), ("b", la.b)):
+            with np.errstate(over="ignore"):
+                as32 = arr.astype(np.float32)
+            if not np.all(np.isfinite(as32)):
+                return f"{la.name}.{key}", arr
+    return None
+
+
+def _check_float32_finite(folded: FoldedMLP) -> None:
+    bad = _float32_overflow(folded)
+    if bad is not None:
+        name, arr = bad
+        raise ModelError(
+            f"folded {name} does not fit in float32 (max |value| {np.max(np.abs(arr)):.3g}); "
+            "the BN scales are too large to fold. Try --no-fold"
+        )
+
+
+def _folded_float32_error(
+    folded: FoldedMLP | None, X: np.ndarray, ref_probs: np.ndarray, opset: int
+) -> float:
+    """The candidate's probabilities in onnxruntime (float32, both optimization levels, as the
+    gate runs the written file) against the float64 reference: the largest absolute error, inf
+    for a candidate that does not exist or does not fit in float32."""
+    if folded is None or _float32_overflow(folded) is not None:
+        return math.inf
+    data = export.serialize(export.build_folded_model(folded, opset=opset))
+    return max(
+        verify.max_abs_error(verify.run_model(data, X, level)[export.PROBABILITIES], ref_probs)[0]
+        for level in verify.LEVELS
+    )
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None  # the report is JSON without inf
+
+
+def choose_fold(
+    net: FrozenMLP, X: np.ndarray, ref_probs: np.ndarray, unfolded_error: float, opset: int
+) -> FoldedMLP:
+    """The full fold, or the fold that keeps the input centred, decided by measurement on the
+    gate's probes `X` against the float64 reference probabilities.
+
+    A full fold moves mean/std into the first bias, where a feature whose |mean| is far above its
+    std (years, kelvin, timestamps) makes float32 cancel a large `x @ W'` against a large `b'`.
+    The full fold is kept if its float32 error is at most max(min(CENTRING_FACTOR x the unfolded
+    float32 error, verify.NOISE_FACTOR x the centred float32 error), CENTRING_MIN_ERROR), so
+    never above max(CENTRING_FACTOR x the unfolded float32 error, CENTRING_MIN_ERROR); otherwise
+    the centred fold, unless it does no better. The fold report's `standardization` entry
+    records the choice, why, and the errors."""
+    full = fold_mlp(net)
+    try:
+        centred: FoldedMLP | None = fold_mlp(net, centred=True)
+    except ValueError:  # a mean beyond float32's range: nothing to centre with
+        centred = None
+    full_error = _folded_float32_error(full, X, ref_probs, opset)
+    centred_error = _folded_float32_error(centred, X, ref_probs, opset)
+    factor = verify.NOISE_FACTOR
+    bound = max(min(CENTRING_FACTOR * unfolded_error, factor * centred_error), CENTRING_MIN_ERROR)
+    allowed = (
+        f"max(min({CENTRING_FACTOR:g} x unfolded {unfolded_error:.3g}, {factor:g} x centred "
+        f"{centred_error:.3g}), {CENTRING_MIN_ERROR:.0e}) = {bound:.3g}"
+    )
+    within = full_error <= bound
+    keep_full = within or not centred_error < full_error  # centred absent or no better
+    chosen = full if keep_full or centred is None else centred
+    decision = f"the full fold's float32 error {full_error:.3g} {'<=' if within else '>'} {allowed}"
+    if not keep_full:
+        decision += ": float32 cancels x @ W' against the folded bias"
+    elif not within:
+        decision += ", but keeping the input centred does no better"
+    chosen.report["standardization"].update(
+        decision=decision,
+        decision_bound=bound,
+        float32_max_abs_diff={
+            "full_fold": _finite_or_none(full_error),
+            "centred": _finite_or_none(centred_error),
+            "unfolded": _finite_or_none(unfolded_error),
+        },
+    )
+    return chosen
 
 
 def _unfolded_numpy_float32(
@@ -147,46 +237,55 @@ def checkpoint_reference(
     X: np.ndarray,
     stats: str,
     logits: bool,
-    feeds: dict[str, np.ndarray] | None = None,
 ) -> verify.Reference:
     """What the written file is judged against (verify.parity_gate): the checkpoint's network in
     float64 (models/ computes it, independently of the fold arithmetic under test).
 
     The noise floor's float32 evaluations: the unfolded graph in onnxruntime, the trainer's own
     forward pass in float32 and, for a folded model, the folded weights in float32 with two
-    summation orders, because folding can make float32 legitimately worse (a large input mean
-    over a small std, or a large BN scale, moves into a bias that cancels against x @ W); those
-    are admissible only after the fold itself passed its float64 check. `X` is the network's
-    input; `feeds` the raw columns a model with preprocessing reads (X is their encoding)."""
+    summation orders (`add_folded_runs`)."""
     ref_logits, ref_probs = _reference(ckpt, X, stats)
-    onnxruntime32 = verify.run_model(export.serialize(unfolded), X if feeds is None else feeds)
+    onnxruntime32 = verify.run_model(export.serialize(unfolded), X)
     numpy_logits, numpy_probs = _unfolded_numpy_float32(ckpt, X, stats)
-
-    def outputs(probs: np.ndarray, logit_values: np.ndarray) -> dict[str, np.ndarray]:
-        """By output name, in the model's order; logits only when the model has them."""
-        return {export.PROBABILITIES: probs, **({export.LOGITS: logit_values} if logits else {})}
-
-    runs = [onnxruntime32, outputs(numpy_probs, numpy_logits)]
-    fold_check: dict[str, float] = {}
-    if folded is not None:
-        fold_check["fold_float64_max_abs_diff"] = _check_fold_float64(folded, X, ref_probs)
-        if logits:
-            fold_check["fold_float64_logits_max_rel_diff"] = _check_logits_fold_float64(
-                folded, X, ref_logits
-            )
-        for mm in (np.matmul, _einsum_matmul):
-            runs.append(
-                outputs(
-                    folded_probabilities(folded, X, np.float32, mm),
-                    folded_logits(folded, X, np.float32, mm),
-                )
-            )
-    return verify.Reference(
-        outputs(ref_probs, ref_logits),
-        runs,
+    reference = verify.Reference(
+        _outputs(ref_probs, ref_logits, logits),
+        [onnxruntime32, _outputs(numpy_probs, numpy_logits, logits)],
         "checkpoint network in numpy, float64",
-        fold_check=fold_check,
+        float32_run_names=UNFOLDED_RUNS,
     )
+    if folded is not None:
+        add_folded_runs(reference, folded, X, logits)
+    return reference
+
+
+def _outputs(probs: np.ndarray, logit_values: np.ndarray, logits: bool) -> dict[str, np.ndarray]:
+    """By output name, in the model's order; logits only when the model has them."""
+    return {export.PROBABILITIES: probs, **({export.LOGITS: logit_values} if logits else {})}
+
+
+def add_folded_runs(
+    reference: verify.Reference, folded: FoldedMLP, X: np.ndarray, logits: bool
+) -> None:
+    """Check the fold in float64 against `reference`, then add the folded weights' float32 runs
+    to its noise floor: folding can make float32 legitimately worse (a large input mean over a
+    small std, when the input is not kept centred, or a large BN scale, moves into a bias that
+    cancels against x @ W); those are admissible only after the fold itself passed its float64
+    check."""
+    ref_probs = reference.outputs[export.PROBABILITIES]
+    reference.fold_check["fold_float64_max_abs_diff"] = _check_fold_float64(folded, X, ref_probs)
+    if logits:
+        reference.fold_check["fold_float64_logits_max_rel_diff"] = _check_logits_fold_float64(
+            folded, X, reference.outputs[export.LOGITS]
+        )
+    for mm in (np.matmul, _einsum_matmul):
+        reference.float32_runs.append(
+            _outputs(
+                folded_probabilities(folded, X, np.float32, mm),
+                folded_logits(folded, X, np.float32, mm),
+                logits,
+            )
+        )
+    reference.float32_run_names += FOLDED_RUNS
 
 
 def _make_parents(directory: Path) -> list[Path]:
@@ -234,12 +333,23 @@ def convert_checkpoint(
         preprocess.check_opset(pre, opset)
 
     unfolded = export.build_unfolded_model(net, opset=opset, logits=logits)
+    X = verify.make_probes(net.input_mean, net.input_std)
+    feeds = None
+    if pre is not None:  # probes of the raw columns (missing cells, unseen categories included)
+        feeds = preprocess.raw_probes(pre, net.input_mean, net.input_std, len(X), verify.PROBE_SEED)
+        # the network's input for them; the graphs are measured on it before the preprocessing
+        # nodes are put in front, and the gate runs the written file on `feeds`
+        X = preprocess.encode_probes(pre, feeds).astype(np.float32)
+    reference = checkpoint_reference(ckpt, unfolded, None, X, chosen, logits)
     folded: FoldedMLP | None = None
     if fold:
-        folded = fold_mlp(net)
-        _check_float32_finite(
-            [(f"{la.name}.{k}", a) for la in folded.layers for k, a in (("W", la.W), ("b", la.b))]
-        )
+        baseline = verify.max_abs_error(
+            reference.float32_runs[0][export.PROBABILITIES],
+            reference.outputs[export.PROBABILITIES],
+        )[0]
+        folded = choose_fold(net, X, reference.outputs[export.PROBABILITIES], baseline, opset)
+        _check_float32_finite(folded)
+        add_folded_runs(reference, folded, X, logits)
         report = folded.report
         model = export.build_folded_model(folded, opset=opset, logits=logits)
     else:
@@ -267,13 +377,6 @@ def convert_checkpoint(
         metadata["bnserve.preprocessing"] = export.to_json(pre.to_json())
     export.set_metadata(model, metadata)
     export.check_model(model)
-
-    X = verify.make_probes(net.input_mean, net.input_std)
-    feeds = None
-    if pre is not None:  # probes of the raw columns (missing cells, unseen categories included)
-        feeds = preprocess.raw_probes(pre, net.input_mean, net.input_std, len(X), verify.PROBE_SEED)
-        X = preprocess.encode_probes(pre, feeds).astype(np.float32)
-    reference = checkpoint_reference(ckpt, unfolded, folded, X, chosen, logits, feeds)
 
     created = _make_parents(output_path.parent)
     try:

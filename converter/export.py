@@ -1,5 +1,6 @@
-"""Build the ONNX graphs with `onnx.helper`: the folded one (Gemm, activation, Softmax only) and
-the unfolded reference (Sub/Div standardization, Gemm, BatchNormalization with its epsilon).
+"""Build the ONNX graphs with `onnx.helper`: the folded one (Gemm, activation, Softmax only, behind
+one Sub of the input means where the converter keeps the input centred) and the unfolded
+reference (Sub/Div standardization, Gemm, BatchNormalization with its epsilon).
 
 The interface is the contract with the service: input `input` float32 `[batch, F]` (symbolic batch
 dimension), output `probabilities` float32 `[batch, C]`, optionally a second output `logits`, and
@@ -151,10 +152,22 @@ def build_folded_model(
     logits: bool = False,
     metadata: dict[str, str] | None = None,
 ) -> onnx.ModelProto:
-    """input -> (Gemm -> activation)* -> Gemm -> Softmax; weights cast to float32 here."""
+    """input -> [Sub means] -> (Gemm -> activation)* -> Gemm -> Softmax; weights cast to float32
+    here (the means of a centred fold are float32 values already)."""
     nodes: list[onnx.NodeProto] = []
     inits: list[TensorProto] = []
     x = INPUT_NAME
+    doc = "bnserve MLP with batch normalization and input standardization folded into Gemm"
+    if folded.input_center is not None:
+        inits.append(_tensor(folded.input_center, "input.mean"))
+        nodes.append(
+            helper.make_node("Sub", [x, "input.mean"], ["input.centred"], name="input.sub")
+        )
+        x = "input.centred"
+        doc = (
+            "bnserve MLP with batch normalization and the input scaling folded into Gemm; the "
+            "input means are subtracted first (kept for float32 precision)"
+        )
     for layer in folded.layers:
         w, b = f"{layer.name}.weight", f"{layer.name}.bias"
         inits += [_tensor(layer.W, w), _tensor(layer.b, b)]
@@ -178,7 +191,7 @@ def build_folded_model(
         opset=opset,
         logits=logits,
         metadata=metadata,
-        doc="bnserve MLP with batch normalization and input standardization folded into Gemm",
+        doc=doc,
     )
 
 

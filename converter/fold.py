@@ -23,6 +23,7 @@ __all__ = [
     "fold_bn_into_following_linear",
     "fold_bn_into_preceding_linear",
     "fold_standardization_into_first_linear",
+    "split_float32",
     "standardization_to_affine",
 ]
 
@@ -152,3 +153,15 @@ def fold_standardization_into_first_linear(
     """
     s, t = standardization_to_affine(mean, std)
     return fold_affine_into_following_linear(W, b, s, t)
+
+
+def split_float32(a: Array) -> tuple[Array, Array]:
+    """`a` (float64) as `hi + lo`: `hi` exactly representable in float32 (`a` rounded to it), `lo`
+    the float64 remainder (at most 2**-24 of `|a|`). A float32 graph that subtracts `hi` from its
+    input loses nothing to the constant's rounding when `lo` is folded elsewhere in float64."""
+    a = _f64("a", a, 1)
+    with np.errstate(over="ignore"):
+        hi = a.astype(np.float32).astype(np.float64)
+    if not np.all(np.isfinite(hi)):
+        raise ValueError(f"values do not fit in float32 (max |value| {np.max(np.abs(a)):.3g})")
+    return hi, a - hi

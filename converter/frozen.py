@@ -1,8 +1,9 @@
 """The converter's own description of an MLP with frozen statistics, and its folding.
 
 `FrozenMLP` is what the checkpoint becomes once the statistics are chosen (float64, validated);
-`fold_mlp` turns it into a `FoldedMLP`: only dense layers, activations and softmax, plus the fold
-report that goes into the ONNX metadata. Nothing here reads files or knows the checkpoint format.
+`fold_mlp` turns it into a `FoldedMLP`: only dense layers, activations and softmax (optionally
+behind one subtraction of the input means), plus the fold report that goes into the ONNX
+metadata. Nothing here reads files or knows the checkpoint format.
 """
 
 from __future__ import annotations
@@ -81,9 +82,13 @@ class DenseLayer:
 
 @dataclass(frozen=True)
 class FoldedMLP:
+    """`x - input_center` (when not None: per-feature constants, exactly representable in float32),
+    then the dense layers."""
+
     layers: tuple[DenseLayer, ...]
     leaky_slope: float
     report: dict[str, Any] = field(default_factory=dict)
+    input_center: Array | None = None
 
 
 def bn_record(layer: str, placement: str, bn: FrozenBN, folded_into: str | None) -> dict[str, Any]:
@@ -108,12 +113,18 @@ def bn_record(layer: str, placement: str, bn: FrozenBN, folded_into: str | None)
     }
 
 
-def fold_mlp(net: FrozenMLP) -> FoldedMLP:
+def fold_mlp(net: FrozenMLP, *, centred: bool = False) -> FoldedMLP:
     """Fold the standardization and every BN into the dense layers (float64 throughout).
 
     "before": BN folds into its own (preceding) linear layer. "after": BN sits behind the
     activation, so it folds into the next linear layer (the next hidden layer's, or the output
     layer's for the last one). The standardization folds into the first linear layer.
+
+    `centred`: keep the centring as `x - c` in front of the first layer, `c` the input means
+    rounded to float32, and fold only the scale 1/std (and the means' float32 rounding remainder,
+    at most 2**-24 of them) into the first layer. A float32 graph then subtracts the means while
+    the input is still exact, instead of cancelling a large `x @ W'` against a large bias `b'`
+    (docs/folding.md). ValueError if a mean does not fit in float32.
     """
     n = len(net.hidden)
     names = [f"hidden.{i}" for i in range(n)] + ["output"]
@@ -153,8 +164,12 @@ def fold_mlp(net: FrozenMLP) -> FoldedMLP:
 
     # The standardization acts on the raw input, i.e. before the first layer's W, whatever the
     # BN placement: W0 (with BN "before" already folded into its columns) gets its rows scaled.
+    center: Array | None = None
+    folded_mean = net.input_mean
+    if centred:
+        center, folded_mean = fold.split_float32(net.input_mean)
     Ws[0], bs[0] = fold.fold_standardization_into_first_linear(
-        Ws[0], bs[0], net.input_mean, net.input_std
+        Ws[0], bs[0], folded_mean, net.input_std
     )
     layers = tuple(
         DenseLayer(
@@ -165,13 +180,18 @@ def fold_mlp(net: FrozenMLP) -> FoldedMLP:
         )
         for i in range(n + 1)
     )
-    report = fold_report(net, records, folded=True)
-    return FoldedMLP(layers=layers, leaky_slope=net.leaky_slope, report=report)
+    report = fold_report(net, records, folded=True, centred=centred)
+    return FoldedMLP(layers=layers, leaky_slope=net.leaky_slope, report=report, input_center=center)
 
 
-def fold_report(net: FrozenMLP, records: list[dict[str, Any]], folded: bool) -> dict[str, Any]:
-    """The `bnserve.fold_report` metadata: per BN layer direction, min variance and max |s|."""
+def fold_report(
+    net: FrozenMLP, records: list[dict[str, Any]], folded: bool, centred: bool = False
+) -> dict[str, Any]:
+    """The `bnserve.fold_report` metadata: per BN layer direction, min variance and max |s|; for
+    the standardization, where it went, whether the input is kept centred, and how far the means
+    sit from zero in standard deviations (the float32 cancellation a full fold risks)."""
     inv_std = 1.0 / np.asarray(net.input_std, dtype=np.float64)
+    mean_over_std = np.abs(np.asarray(net.input_mean, dtype=np.float64)) * inv_std
     warnings = [
         f"{r['layer']}: max |s| = {r['max_abs_s']:.3g} > {LARGE_SCALE:.0e} "
         f"(min var {r['min_var']:.3g}, eps {r['eps']:.3g}): float32 precision loss is possible"
@@ -185,6 +205,8 @@ def fold_report(net: FrozenMLP, records: list[dict[str, Any]], folded: bool) -> 
         "standardization": {
             "folded_into": ("hidden.0" if net.hidden else "output") if folded else None,
             "max_abs_inv_std": float(np.max(np.abs(inv_std))),
+            "centred": bool(folded and centred),
+            "max_abs_mean_over_std": float(np.max(mean_over_std, initial=0.0)),
         },
         "bn_layers": records,
         "warnings": warnings,
@@ -206,13 +228,16 @@ def folded_logits(
     dtype: Any = np.float64,
     matmul: Callable[[Array, Array], Array] = np.matmul,
 ) -> Array:
-    """Evaluate the folded layers in numpy in `dtype`, up to the logits (returned as float64).
+    """Evaluate the folded network (the input centring, when kept, then the layers) in numpy in
+    `dtype`, up to the logits (returned as float64).
 
     In float64 this checks the fold arithmetic itself; in float32, with different `matmul`
     summation orders, it gives independent samples of float32's own rounding error for these
     weights (the parity gate's noise floor).
     """
     a = np.asarray(X).astype(dtype)
+    if folded.input_center is not None:
+        a = a - folded.input_center.astype(dtype)
     for layer in folded.layers:
         a = matmul(a, layer.W.astype(dtype)) + layer.b.astype(dtype)
         if layer.activation is not None:

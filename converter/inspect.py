@@ -113,6 +113,47 @@ def _g(x: Any) -> str:
     return f"{x:.3g}" if isinstance(x, float) else str(x)
 
 
+def describe_standardization(std: dict[str, Any]) -> str:
+    """Where a `bnserve convert` fold report's standardization went, and for a folded model whether
+    the input was kept centred and why (the float32 errors measured for both candidates)."""
+    into = std.get("folded_into") or "kept as Sub/Div"
+    centred = ", input kept centred (Sub of the means first)" if std.get("centred") else ""
+    ratio = ""
+    if "max_abs_mean_over_std" in std:
+        ratio = f", max |mean|/std {_g(std.get('max_abs_mean_over_std'))}"
+    line = (
+        f"standardization -> {into}{centred} (max |1/std| {_g(std.get('max_abs_inv_std'))}{ratio})"
+    )
+    return f"{line}; {std['decision']}" if std.get("decision") else line
+
+
+def describe_allowance(report: dict[str, Any]) -> str:
+    """The gate's allowance for one output and what it is made of: `X = atol A (...)` or
+    `X = 4 x float32 noise floor F, set by RUN (float32 runs: ...)`. Reports written before the
+    breakdown existed give `X (atol A)`."""
+    tol, atol, floor = (
+        report.get("tolerance"),
+        report.get("atol"),
+        report.get("float32_noise_floor"),
+    )
+    runs = report.get("float32_runs")
+    factor = report.get("noise_factor")
+    if not isinstance(runs, list) or factor is None:
+        return f"{_g(tol)} (atol {_g(atol)})"
+    listed = "; ".join(
+        f"{r.get('run')} {_g(r.get('max_abs_diff'))}" for r in runs if isinstance(r, dict)
+    )
+    if report.get("tolerance_source") == "atol":
+        return (
+            f"{_g(tol)} = atol {_g(atol)} (above {_g(factor)} x float32 noise floor {_g(floor)}; "
+            f"float32 runs: {listed})"
+        )
+    return (
+        f"{_g(tol)} = {_g(factor)} x float32 noise floor {_g(floor)}, set by "
+        f"{report.get('noise_floor_source')} (float32 runs: {listed})"
+    )
+
+
 def _foreign_fold_lines(report: dict[str, Any]) -> list[str]:
     """The report of `bnserve fold` (a model exported by another framework)."""
     bns = report.get("batchnorms", [])
@@ -148,10 +189,7 @@ def _fold_lines(report: Any) -> list[str]:
     ]
     std = report.get("standardization") or {}
     if std:
-        into = std.get("folded_into") or "kept as Sub/Div"
-        lines.append(
-            f"    standardization -> {into} (max |1/std| {_g(std.get('max_abs_inv_std'))})"
-        )
+        lines.append(f"    {describe_standardization(std)}")
     for r in report.get("bn_layers", []):
         into = f" {r['folded_into']}" if r.get("folded_into") else ""
         flag = "  WARNING: large scale" if r.get("large_scale") else ""
@@ -170,14 +208,14 @@ def _parity_lines(report: Any) -> list[str]:
         f"{k} {_g(v)}" for k, v in (report.get("max_abs_diff_by_level") or {}).items()
     )
     # bnserve fold compares with the input model in onnxruntime, convert with float64 numpy.
-    foreign = "reference" in report
+    foreign = str(report.get("reference", "")).startswith("input model")
     diff = "max |diff| vs input model" if foreign else "max |p - p_float64|"
     floor = "input model float32" if foreign else "unfolded float32"
     lines = [
         f"  parity report: {'passed' if report.get('passed') else 'FAILED'} on {report.get('probes')} probes",
         f"    {diff} {_g(report.get('max_abs_diff'))} ({levels}); "
         f"{floor} {_g(report.get('unfolded_float32_max_abs_diff'))}; "
-        f"allowed {_g(report.get('tolerance'))} (atol {_g(report.get('atol'))})",
+        f"allowed {describe_allowance(report)}",
         f"    argmax agreement {report.get('argmax_agreement', 0) * 100:.2f}% "
         f"({report.get('near_ties')} near ties)",
     ]

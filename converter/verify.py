@@ -223,6 +223,9 @@ class Reference:
     engine: str
     float64: bool = True
     fold_check: dict[str, float] = field(default_factory=dict)
+    # One name per float32 run: when given, each output's report also says which run set the
+    # noise floor, every run's error, and whether atol or the floor made the tolerance.
+    float32_run_names: tuple[str, ...] = ()
 
 
 def parity_gate(path: ModelSource, X: Feeds, reference: Reference, atol: float) -> ParityResult:
@@ -230,7 +233,9 @@ def parity_gate(path: ModelSource, X: Feeds, reference: Reference, atol: float) 
     against `reference`: floating outputs with `evaluate_parity` (atol scaled by the output's
     magnitude, so 1 for probabilities and relative for logits), others by exact equality. The
     report is the first output's, plus `reference`, `outputs` (one report per output) and the
-    fold check."""
+    fold check; with named float32 runs, each output's report adds `float32_runs` (each run's
+    name and error, in order), `noise_floor_source` (the run that set the floor),
+    `tolerance_source` ("atol" or "noise_floor") and `noise_factor`."""
     candidate = {lv: run_checked(path, X, lv, "written model (a bnserve bug)") for lv in LEVELS}
     per_output: dict[str, Any] = {}
     failures = []
@@ -253,6 +258,8 @@ def parity_gate(path: ModelSource, X: Feeds, reference: Reference, atol: float) 
             noise_floor=max(errors),
         )
         per_output[name] = {**result.report, "scale": scale}
+        if reference.float32_run_names:
+            per_output[name].update(_floor_sources(result.report, reference, errors))
         if not result.passed:
             detail = result.message.removeprefix("parity gate failed: ")
             failures.append(f"output {name!r}: {detail}")
@@ -266,3 +273,20 @@ def parity_gate(path: ModelSource, X: Feeds, reference: Reference, atol: float) 
     }
     message = "parity gate failed: " + "\n".join(failures) if failures else "parity ok"
     return ParityResult(passed=not failures, report=report, message=message)
+
+
+def _floor_sources(
+    report: dict[str, Any], reference: Reference, errors: list[float]
+) -> dict[str, Any]:
+    """What an output's tolerance is made of: each float32 run's error by name, the run that set
+    the noise floor (the first of equal maxima), and whether atol or the floor won."""
+    names = reference.float32_run_names
+    worst = max(range(len(errors)), key=lambda i: errors[i])
+    return {
+        "float32_runs": [
+            {"run": name, "max_abs_diff": err} for name, err in zip(names, errors, strict=True)
+        ],
+        "noise_floor_source": names[worst],
+        "tolerance_source": "atol" if report["tolerance"] == report["atol"] else "noise_floor",
+        "noise_factor": NOISE_FACTOR,
+    }

@@ -118,6 +118,10 @@ def test_the_onnx_file_alone_reproduces_the_preprocessing(trained) -> None:
     assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     report = json.loads(session.get_modelmeta().custom_metadata_map["bnserve.parity_report"])
     assert report["passed"] and report["argmax_agreement"] == 1.0
+    # `year` (mean 2008, std 0.8): the fold keeps the centring, so float32 loses nothing to it
+    assert report["max_abs_diff"] <= max(2 * report["unfolded_float32_max_abs_diff"], 1e-6)
+    fold = json.loads(session.get_modelmeta().custom_metadata_map["bnserve.fold_report"])
+    assert fold["standardization"]["centred"] is True
 
 
 def test_evaluate_and_predict_read_the_raw_csv(trained, tmp_path, capsys) -> None:

@@ -14,6 +14,11 @@ over the full range of the factory's parameters each):
   a 3-layer relu network (compounding gains); the test uses var >= 1e-1, |gamma| <= 2. With input means ~100 standard deviations away
   from zero breaks 1e-5 in float32 (folded and unfolded alike), so that test narrows the input
   range (|mean| within ~1 std: at ~3 std float32 alone reached 1.3e-5), not the tolerance.
+- Since then the converter keeps the input centred (one Sub of the means) where the full fold
+  measures worse in float32 (test_centring.py). Over 200 seeded networks of the full range the
+  folded error stayed within max(2 x unfolded, 1e-6) except on 2, with tiny BN variances and
+  large gammas, where the BN fold itself costs float32 precision (up to 4.3x); so only the
+  well-conditioned test asserts that target (0 exceptions in 150).
 """
 
 from __future__ import annotations
@@ -79,7 +84,8 @@ def well_conditioned_network(draw: st.DrawFn) -> NetConfig:
 
 def _convert_and_measure(cfg: NetConfig, tmp: Path) -> tuple[dict, float, float]:
     """Convert; then recompute, independently of the gate, the folded model's error and the
-    unfolded float32 model's error against the float64 reference on the gate's probes."""
+    unfolded float32 model's error against the float64 reference on the gate's probes. Also
+    checks that the fold decision measured the graph that was written."""
     ckpt_path = write_checkpoint(cfg, tmp / "ckpt.npz")
     result = convert_checkpoint(ckpt_path, tmp / "folded.onnx")
     convert_checkpoint(ckpt_path, tmp / "unfolded.onnx", fold=False, atol=1.0)
@@ -90,6 +96,9 @@ def _convert_and_measure(cfg: NetConfig, tmp: Path) -> tuple[dict, float, float]
         np.abs(run_onnx(tmp / "folded.onnx", X, level) - ref).max() for level in ("disabled", "all")
     )
     unfolded_err = np.abs(run_onnx(tmp / "unfolded.onnx", X, "disabled") - ref).max()
+    std = result.fold_report["standardization"]
+    chosen = "centred" if std["centred"] else "full_fold"
+    assert std["float32_max_abs_diff"][chosen] == result.parity_report["max_abs_diff"]
     return result.parity_report, float(folded_err), float(unfolded_err)
 
 
@@ -119,3 +128,5 @@ def test_well_conditioned_networks_fold_within_1e_5(cfg: NetConfig) -> None:
         report, folded_err, _ = _convert_and_measure(cfg, Path(d))
     assert folded_err <= 1e-5, (cfg, folded_err)
     assert report["tolerance"] >= 1e-5
+    # Folding costs float32 at most a factor 2 over the unfolded graph (or 1e-6).
+    assert folded_err <= max(2 * report["unfolded_float32_max_abs_diff"], 1e-6), (cfg, report)

@@ -101,8 +101,8 @@ def test_logits_gate_accepts_float32_noise_but_not_a_shifted_fold(tmp_path, monk
     # logits' own float64 check must catch it (a shifted fold cannot raise its own noise floor).
     fold_mlp = convert.fold_mlp
 
-    def shifted(net):
-        folded = fold_mlp(net)
+    def shifted(net, **options):  # both candidates, full and centred, are shifted
+        folded = fold_mlp(net, **options)
         last = folded.layers[-1]
         moved = dataclasses.replace(last, b=last.b + 0.5)
         return dataclasses.replace(folded, layers=(*folded.layers[:-1], moved))
