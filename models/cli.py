@@ -14,7 +14,7 @@ from bnserve.atomic import check_output_dir, check_output_path, write_text_atomi
 from bnserve.errors import BnserveError, UsageError, require_extra
 from bnserve.models.network import PLACEMENTS
 from bnserve.models.options import add_options, int_list
-from bnserve.models.train import TrainConfig
+from bnserve.models.train import DTYPES, TrainConfig
 
 
 class TrainingDiverged(BnserveError):
@@ -142,7 +142,7 @@ def train_main(argv: list[str]) -> int:
         )
         bar.update(1)
 
-    data = load_dataset(args.data, config.label, config.column_options())
+    data = load_dataset(args.data, config.label, config.column_options(), DTYPES[config.dtype])
     if not args.quiet:
         print(describe_data(data), file=sys.stderr)
     try:

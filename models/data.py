@@ -23,6 +23,7 @@ from bnserve.models.tabular import (
     Preprocessor,
     RawTable,
     needs_preprocessing,
+    numbers,
     select_columns,
     summary,
     type_columns,
@@ -307,14 +308,23 @@ def _load_table(
     kinds = type_columns(names, cells, options, str(path))
     raw = RawData(None, labels, names, label=None if label_col is None else header[label_col])
     raw.label_defaulted = label is None and label_col is not None
+    # a numeric column read as text (it held "inf" or another spelling pyarrow did not infer)
+    cells = [
+        numbers(c, options.missing_values) if isinstance(c, list) and k.kind == "numeric" else c
+        for c, k in zip(cells, kinds, strict=True)
+    ]
     if needs_preprocessing(kinds):
         raw.table = RawTable(names, cells, str(path))
         raw.preprocessor = Preprocessor(kinds, options.missing_values, options.min_frequency)
         return raw
-    X = np.empty((table.n_rows, len(cells)), dtype=dtype)
+    if table.numeric_block is not None and tuple(names) == table.numeric_names:
+        X = table.numeric_block  # the columns as read: no copy
+    else:
+        X = np.empty((table.n_rows, len(cells)), dtype=dtype)
+        for j, column in enumerate(cells):
+            X[:, j] = column
     bad = []
     for j, column in enumerate(cells):
-        X[:, j] = column
         infinite = np.flatnonzero(~np.isfinite(column))
         if len(infinite):
             bad.append(
@@ -366,9 +376,11 @@ def encode_with(classes: list[str], labels: list[str], source: str) -> np.ndarra
 
 
 def fingerprint(X: np.ndarray, y: np.ndarray, class_names: list[str]) -> str:
-    """sha256 of the training data as the model saw it (values, labels, class names)."""
+    """sha256 of the training data as the model saw it (values as float64, labels, class
+    names), hashed 65536 rows at a time so that no float64 copy of X is made."""
     h = hashlib.sha256()
-    h.update(np.ascontiguousarray(X, dtype=np.float64).tobytes())
+    for start in range(0, len(X), 1 << 16):
+        h.update(np.ascontiguousarray(X[start : start + (1 << 16)], dtype=np.float64).tobytes())
     h.update(np.ascontiguousarray(y, dtype=np.int64).tobytes())
     h.update("\x1f".join(class_names).encode())
     return h.hexdigest()

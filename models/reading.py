@@ -35,8 +35,10 @@ class Table:
     names: list[str]
     columns: list[Column]
     n_rows: int
-    # When every column is numeric: the `[rows, columns]` array the columns are views of.
+    # The `[rows, k]` array the numeric columns are views of, and their names in its order: a
+    # data set whose features are exactly these columns uses it as X without a copy.
     numeric_block: np.ndarray | None = None
+    numeric_names: tuple[str, ...] = ()
 
 
 def read_header(path: Path) -> list[str]:
@@ -57,7 +59,7 @@ def read_header(path: Path) -> list[str]:
 
 
 #: Bytes pyarrow parses at a time: the reader holds about one block, whatever the file's size.
-BLOCK_BYTES = 16 << 20
+BLOCK_BYTES = 4 << 20  # smaller blocks parse no slower and keep the reader's memory small
 
 
 def read_csv(
@@ -99,15 +101,20 @@ def _stream_csv(
     reader = pacsv.open_csv(path, read_options=read, convert_options=convert)
     schema = reader.schema
     numeric = [i for i, f in enumerate(schema) if _is_number(f.type) or pa.types.is_null(f.type)]
-    limit = _count_lines(path)
-    block = np.empty((limit, len(numeric)), dtype=dtype)
     texts: dict[int, list[str]] = {i: [] for i in range(len(header)) if i not in numeric}
     missing_text = missing_values[0] if missing_values else ""
+    block = np.empty((0, len(numeric)), dtype=dtype)
     rows = 0
+    size = path.stat().st_size
     for batch in reader:
         n = batch.num_rows
+        if rows + n > len(block):
+            # rows per block so far, times the blocks in the file, and 10% more: one allocation
+            # for a regular file, a copy only when later rows are much shorter
+            estimate = int((rows + n) * max(1.0, size / ((rows + n) / n * BLOCK_BYTES)) * 1.1)
+            block = _grow(block, max(estimate, rows + n, int(len(block) * 1.5)))
         for k, i in enumerate(numeric):
-            block[rows : rows + n, k] = _floats(pa.chunked_array([batch.column(i)]), dtype)
+            _fill(block[rows : rows + n, k], batch.column(i))
         for i, out in texts.items():
             out.extend(_texts(pa.chunked_array([batch.column(i)]), missing_text))
         rows += n
@@ -118,16 +125,13 @@ def _stream_csv(
         columns[i] = block[:rows, k]
     for i, out in texts.items():
         columns[i] = out
-    return Table(header, columns, rows, block[:rows] if len(numeric) == len(header) else None)
+    return Table(header, columns, rows, block[:rows], tuple(header[i] for i in numeric))
 
 
-def _count_lines(path: Path) -> int:
-    """An upper bound of the data rows: the line breaks, plus one for a last line without one."""
-    count = 1
-    with open(path, "rb") as f:
-        while chunk := f.read(BLOCK_BYTES):
-            count += chunk.count(b"\n")
-    return count
+def _grow(block: np.ndarray, rows: int) -> np.ndarray:
+    grown = np.empty((rows, block.shape[1]), dtype=block.dtype)
+    grown[: len(block)] = block
+    return grown
 
 
 def _failed_column(exc: Exception, header: list[str]) -> str | None:
@@ -139,41 +143,47 @@ def _failed_column(exc: Exception, header: list[str]) -> str | None:
 
 
 def read_parquet(path: Path, missing_values: tuple[str, ...], dtype: np.dtype) -> Table:
-    """Every column of a Parquet file (numbers stay numbers, strings are text)."""
+    """Every column of a Parquet file (numbers stay numbers, strings are text), read batch by
+    batch into arrays allocated once (the row count is in the file's metadata)."""
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        source = pq.ParquetFile(path)
+        schema = source.schema_arrow
+        rows = source.metadata.num_rows
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
-    if table.num_rows == 0:
+    if rows == 0:
         raise DataError(f"{path}: no rows")
-    names = [str(n).strip() for n in table.column_names]
+    names = [str(n).strip() for n in schema.names]
     if len(set(names)) != len(names):
         raise DataError(f"{path}: duplicate column names")
+    numeric = [i for i, f in enumerate(schema) if _is_number(f.type)]
+    block = np.empty((rows, len(numeric)), dtype=dtype)
+    texts: dict[int, list[str]] = {i: [] for i in range(len(names)) if i not in numeric}
     missing_text = missing_values[0] if missing_values else ""
-    columns = []
-    for i in range(table.num_columns):
-        column = table.column(i)
-        if pa.types.is_dictionary(column.type):
-            column = column.cast(pa.string())
-        elif not (_is_number(column.type) or pa.types.is_string(column.type)):
-            column = column.cast(pa.string())  # booleans, dates...: text, typed by tabular.py
-        columns.append(_column(column, dtype, missing_text))
-    return Table(names, columns, table.num_rows)
+    start = 0
+    try:
+        for batch in source.iter_batches(batch_size=1 << 16):
+            n = batch.num_rows
+            for k, i in enumerate(numeric):
+                _fill(block[start : start + n, k], batch.column(i))
+            for i, out in texts.items():
+                # booleans, dates, dictionaries...: as text, typed by models/tabular.py
+                out.extend(_texts(pa.chunked_array([batch.column(i)]), missing_text))
+            start += n
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+    columns: list[Column] = [[] for _ in names]
+    for k, i in enumerate(numeric):
+        columns[i] = block[:, k]
+    for i, out in texts.items():
+        columns[i] = out
+    return Table(names, columns, rows, block, tuple(names[i] for i in numeric))
 
 
 def _is_number(kind: pa.DataType) -> bool:
     return pa.types.is_integer(kind) or pa.types.is_floating(kind)
-
-
-def _column(column: pa.ChunkedArray, dtype: np.dtype, missing_text: str) -> Column:
-    """A numeric column as a float array (NaN for null), anything else as stripped text."""
-    if _is_number(column.type) or pa.types.is_null(column.type):
-        if pa.types.is_null(column.type):  # every cell missing
-            return np.full(len(column), np.nan, dtype=dtype)
-        return _floats(column, dtype)
-    return _texts(column, missing_text)
 
 
 def _texts(column: pa.ChunkedArray, missing_text: str) -> list[str]:
@@ -186,17 +196,18 @@ def _texts(column: pa.ChunkedArray, missing_text: str) -> list[str]:
     return [texts[i] for i in indices]
 
 
-def _floats(column: pa.ChunkedArray, dtype: np.dtype) -> np.ndarray:
-    """A numeric column as one numpy array of `dtype`, NaN for null, read from pyarrow's buffers
-    chunk by chunk (pyarrow's own to_numpy imports pandas, a second or so per process)."""
-    filled = pc.fill_null(column.cast(pa.float64()), float("nan"))
-    out = np.empty(len(filled), dtype=dtype)
-    start = 0
-    for chunk in filled.chunks:
-        data = np.frombuffer(chunk.buffers()[1], dtype=np.float64, count=chunk.offset + len(chunk))
-        out[start : start + len(chunk)] = data[chunk.offset :]
-        start += len(chunk)
-    return out
+def _fill(out: np.ndarray, array: pa.Array) -> None:
+    """Copy a numeric pyarrow array into `out` (NaN for null) straight from its data buffer
+    (pyarrow's own to_numpy imports pandas, a second or so per process)."""
+    if pa.types.is_null(array.type):  # every cell missing
+        out[:] = np.nan
+        return
+    if array.type != pa.float64():
+        array = array.cast(pa.float64())
+    if array.null_count:
+        array = pc.fill_null(array, float("nan"))
+    data = np.frombuffer(array.buffers()[1], dtype=np.float64, count=array.offset + len(array))
+    out[:] = data[array.offset :]
 
 
 def _header_line(path: Path) -> int:

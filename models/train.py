@@ -372,7 +372,7 @@ def train(
     """Train a network on `data` (a Dataset or a source string) and return its checkpoint."""
     started = time.perf_counter()
     if isinstance(data, str):
-        data = load_dataset(data, config.label, config.column_options())
+        data = load_dataset(data, config.label, config.column_options(), DTYPES[config.dtype])
     dtype = DTYPES[config.dtype]
     seeds = np.random.SeedSequence(config.seed).spawn(4)
     init_rng, shuffle_rng, dropout_rng = (np.random.default_rng(s) for s in seeds[1:])
