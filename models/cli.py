@@ -56,6 +56,18 @@ def train_parser() -> argparse.ArgumentParser:
     add_options(test, ("test", "test_split"))
     add_options(p, ("val_split", "patience", "seed", "dtype", "label", *COLUMN_OPTIONS))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="out-of-core: read the file in chunks every epoch instead of holding it "
+        "(numeric feature columns; rows split by a hash of their values)",
+    )
+    p.add_argument(
+        "--chunk-rows",
+        type=_positive_int,
+        default=65536,
+        help="rows per chunk with --stream (default 65536; the shuffle buffer holds 4 chunks)",
+    )
     return p
 
 
@@ -122,6 +134,7 @@ def train_main(argv: list[str]) -> int:
     from bnserve.models.checkpoint import save_checkpoint
     from bnserve.models.data import describe_data, load_dataset
     from bnserve.models.plots import plot_curves
+    from bnserve.models.stream import train_stream
     from bnserve.models.train import train
 
     args = train_parser().parse_args(argv)
@@ -142,11 +155,15 @@ def train_main(argv: list[str]) -> int:
         )
         bar.update(1)
 
-    data = load_dataset(args.data, config.label, config.column_options(), DTYPES[config.dtype])
-    if not args.quiet:
-        print(describe_data(data), file=sys.stderr)
     try:
-        result = train(config, data, on_epoch)
+        if args.stream:
+            result = train_stream(config, args.data, args.chunk_rows, on_epoch)
+        else:
+            options = config.column_options()
+            data = load_dataset(args.data, config.label, options, DTYPES[config.dtype])
+            if not args.quiet:
+                print(describe_data(data), file=sys.stderr)
+            result = train(config, data, on_epoch)
     finally:
         bar.close()
     if result.metrics["diverged"] and result.metrics["best_epoch"] == 0:

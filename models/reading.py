@@ -89,7 +89,7 @@ def _stream_csv(
     path: Path, header: list[str], missing_values: tuple[str, ...], text: set[str], dtype: np.dtype
 ) -> Table:
     read = pacsv.ReadOptions(
-        column_names=header, skip_rows=_header_line(path) + 1, block_size=BLOCK_BYTES
+        column_names=header, skip_rows=header_line(path) + 1, block_size=BLOCK_BYTES
     )
     convert = pacsv.ConvertOptions(
         null_values=list(missing_values),
@@ -114,7 +114,7 @@ def _stream_csv(
             estimate = int((rows + n) * max(1.0, size / ((rows + n) / n * BLOCK_BYTES)) * 1.1)
             block = _grow(block, max(estimate, rows + n, int(len(block) * 1.5)))
         for k, i in enumerate(numeric):
-            _fill(block[rows : rows + n, k], batch.column(i))
+            fill_floats(block[rows : rows + n, k], batch.column(i))
         for i, out in texts.items():
             out.extend(_texts(pa.chunked_array([batch.column(i)]), missing_text))
         rows += n
@@ -167,7 +167,7 @@ def read_parquet(path: Path, missing_values: tuple[str, ...], dtype: np.dtype) -
         for batch in source.iter_batches(batch_size=1 << 16):
             n = batch.num_rows
             for k, i in enumerate(numeric):
-                _fill(block[start : start + n, k], batch.column(i))
+                fill_floats(block[start : start + n, k], batch.column(i))
             for i, out in texts.items():
                 # booleans, dates, dictionaries...: as text, typed by models/tabular.py
                 out.extend(_texts(pa.chunked_array([batch.column(i)]), missing_text))
@@ -196,7 +196,7 @@ def _texts(column: pa.ChunkedArray, missing_text: str) -> list[str]:
     return [texts[i] for i in indices]
 
 
-def _fill(out: np.ndarray, array: pa.Array) -> None:
+def fill_floats(out: np.ndarray, array: pa.Array) -> None:
     """Copy a numeric pyarrow array into `out` (NaN for null) straight from its data buffer
     (pyarrow's own to_numpy imports pandas, a second or so per process)."""
     if pa.types.is_null(array.type):  # every cell missing
@@ -210,7 +210,7 @@ def _fill(out: np.ndarray, array: pa.Array) -> None:
     out[:] = data[array.offset :]
 
 
-def _header_line(path: Path) -> int:
+def header_line(path: Path) -> int:
     """How many physical lines precede the header (blank lines at the top of the file)."""
     with open(path, encoding="utf-8-sig", newline="") as f:
         for index, line in enumerate(f):

@@ -283,6 +283,16 @@ def evaluation_rows(
             "the model was trained with --test-split 0 (nothing held out), "
             "so these rows include its training rows"
         )
+    if ckpt.config.get("stream"):  # `train --stream` held out rows by a hash of their values
+        from bnserve.models.stream import TEST, row_split
+
+        held = np.flatnonzero(row_split(X, config.test_split, config.val_split) == TEST)
+        return EvaluationRows(
+            held,
+            "test",
+            f"held-out split: {len(held)} of {n} rows (the rows train --stream held out by "
+            f"their hash: --test-split {config.test_split:g})",
+        )
     seed = config.seed if config.split_seed is None else config.split_seed
     _, held = stratified_split(y, config.test_split, split_generator(seed))
     if len(held) == 0:

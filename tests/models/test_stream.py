@@ -1,0 +1,114 @@
+"""Out-of-core training (`bnserve train --stream`, models/stream.py): the streaming statistics
+equal numpy's on the whole data, the hash split is stable and reproducible, CSV and Parquet
+stream the same data set, population statistics equal the in-memory ones, and a streamed model
+trains, is evaluated on its own held-out rows and converts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from bnserve.cli import main
+from bnserve.models import stream
+from bnserve.models.checkpoint import load_checkpoint
+from bnserve.models.data import fingerprint, load_dataset
+from bnserve.models.network import NetworkSpec, init_params
+from bnserve.models.train import TrainConfig, population_statistics
+
+
+def _iris_files(tmp_path, copies: int = 4) -> tuple[str, str]:
+    from sklearn.datasets import load_iris
+
+    bunch = load_iris()
+    rng = np.random.default_rng(0)
+    X = np.concatenate([bunch.data + rng.normal(0, 0.05, bunch.data.shape) for _ in range(copies)])
+    y = np.concatenate([bunch.target] * copies)
+    names = [f"f{i}" for i in range(4)]
+    csv = tmp_path / "iris.csv"
+    lines = [",".join([*names, "species"])]
+    lines += [
+        ",".join([*(repr(float(v)) for v in row), str(t)]) for row, t in zip(X, y, strict=True)
+    ]
+    csv.write_text("\n".join(lines) + "\n")
+    table = pa.table({**{n: X[:, j] for j, n in enumerate(names)}, "species": y.astype(str)})
+    pq.write_table(table, tmp_path / "iris.parquet", row_group_size=100)
+    return str(csv), str(tmp_path / "iris.parquet")
+
+
+def test_streamed_moments_equal_numpy() -> None:
+    rng = np.random.default_rng(1)
+    X = rng.normal(2008, 0.8, size=(1000, 3))
+    moments = stream.Moments(3)
+    for start in range(0, 1000, 97):
+        moments.add(X[start : start + 97])
+    np.testing.assert_allclose(moments.mean, X.mean(axis=0), rtol=1e-14)
+    np.testing.assert_allclose(moments.variance(), X.var(axis=0), rtol=1e-10)
+
+
+def test_the_hash_split_is_stable_and_has_the_asked_sizes() -> None:
+    X = np.random.default_rng(2).standard_normal((20000, 5))
+    codes = stream.row_split(X, 0.2, 0.1)
+    order = np.random.default_rng(3).permutation(len(X))
+    np.testing.assert_array_equal(stream.row_split(X[order], 0.2, 0.1), codes[order])
+    np.testing.assert_array_equal(stream.row_split(X.astype(np.float32), 0.2, 0.1), codes)
+    fractions = np.bincount(codes, minlength=3) / len(X)
+    np.testing.assert_allclose(fractions, [0.72, 0.08, 0.2], atol=0.015)
+
+
+def test_csv_and_parquet_stream_the_same_data_set(tmp_path) -> None:
+    csv, parquet = _iris_files(tmp_path)
+    config = TrainConfig(label="species")
+    scans = [stream.scan(stream.open_source(p, config, 128), config) for p in (csv, parquet)]
+    assert scans[0].class_names == scans[1].class_names == ["0", "1", "2"]
+    assert scans[0].counts == scans[1].counts
+    np.testing.assert_allclose(scans[0].mean, scans[1].mean, rtol=1e-13)  # other chunk sizes
+    assert scans[0].fingerprint == scans[1].fingerprint
+    data = load_dataset(csv, "species")  # the in-memory loader fingerprints the same data alike
+    assert fingerprint(data.X, data.y, data.class_names) == scans[0].fingerprint
+    train_rows = stream.row_split(data.X, 0.2, 0.1) == stream.TRAIN
+    np.testing.assert_allclose(scans[0].mean, data.X[train_rows].mean(axis=0), rtol=1e-12)
+
+
+def test_population_statistics_equal_the_in_memory_ones(tmp_path) -> None:
+    csv, _ = _iris_files(tmp_path)
+    config = TrainConfig(label="species", hidden=(8, 6))
+    source = stream.open_source(csv, config, 64)
+    info = stream.scan(source, config)
+    spec = NetworkSpec(n_features=4, n_classes=3, hidden=(8, 6))
+    params = init_params(spec, np.random.default_rng(0))
+    streamed = stream.population_statistics_stream(spec, params, source, info, config)
+    data = load_dataset(csv, "species")
+    keep = stream.row_split(data.X, 0.2, 0.1) == stream.TRAIN
+    expected = population_statistics(spec, params, (data.X[keep] - info.mean) / info.std)
+    for key, value in expected.items():
+        np.testing.assert_allclose(streamed[key], value, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+def test_train_stream_trains_evaluates_and_converts(tmp_path, kind: str, capsys) -> None:
+    csv, parquet = _iris_files(tmp_path)
+    data = csv if kind == "csv" else parquet
+    out = tmp_path / "run"
+    args = ["train", data, "--label", "species", "--stream", "--chunk-rows", "64"]
+    assert main([*args, "--out", str(out), "--epochs", "30", "--population-stats"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_accuracy"] >= 0.85 and metrics["stats"] == "population"
+    ckpt = load_checkpoint(out / "checkpoint.npz")
+    assert ckpt.config["stream"] is True and ckpt.feature_names == ["f0", "f1", "f2", "f3"]
+    capsys.readouterr()
+    assert main(["evaluate", str(out / "checkpoint.npz"), csv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["rows_scored"] == metrics["n_test"]
+    assert report["accuracy"] == pytest.approx(metrics["test_accuracy"])
+    assert main(["convert", str(out / "checkpoint.npz"), "-o", str(tmp_path / "m.onnx"), "-q"]) == 0
+
+
+def test_stream_refuses_what_it_cannot_read(tmp_path, capsys) -> None:
+    path = tmp_path / "text.csv"
+    path.write_text("a,b,label\n" + "".join(f"{i},x{i % 3},{i % 2}\n" for i in range(50)))
+    assert main(["train", str(path), "--stream", "--out", str(tmp_path / "o")]) == 2
+    assert "numeric feature columns only" in capsys.readouterr().err
