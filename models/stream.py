@@ -43,7 +43,14 @@ from bnserve.models.network import (
 )
 from bnserve.models.optim import make_optimizer, scheduled_lr
 from bnserve.models.reading import fill_floats, header_line, read_header
-from bnserve.models.train import DTYPES, TrainConfig, TrainResult, diverging
+from bnserve.models.train import (
+    DTYPES,
+    EarlyStopping,
+    TrainConfig,
+    TrainResult,
+    diverging,
+    network_spec,
+)
 
 TRAIN, VAL, TEST = 0, 1, 2
 DEFAULT_CHUNK_ROWS = 65536
@@ -308,24 +315,14 @@ def train_stream(
     dtype = DTYPES[config.dtype]
     seeds = np.random.SeedSequence(config.seed).spawn(4)
     _, init_rng, shuffle_rng, dropout_rng = (np.random.default_rng(s) for s in seeds)
-    spec = NetworkSpec(
-        n_features=len(source.features),
-        n_classes=len(info.class_names),
-        hidden=config.hidden,
-        activation=config.activation,
-        bn=config.bn,
-        dropout=config.dropout,
-        leaky_slope=config.leaky_slope,
-        bn_eps=config.bn_eps,
-        bn_momentum=config.bn_momentum,
-    )
+    spec = network_spec(config, len(source.features), len(info.class_names))
     params = init_params(spec, init_rng, dtype)
     params["input.mean"], params["input.std"] = info.mean, info.std
     optimizer = make_optimizer(
         config.optimizer, config.beta1, config.beta2, config.momentum, config.weight_decay
     )
     history: list[dict[str, float]] = []
-    best_loss, best_params, best_epoch, stale, diverged = math.inf, None, 0, 0, False
+    stopping, diverged = EarlyStopping(config.patience), False
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         for epoch in range(config.epochs):
             t0 = time.perf_counter()
@@ -359,16 +356,11 @@ def train_stream(
             if diverging(row["train_loss"], spec.n_classes, params):
                 diverged = True
                 break
-            if val_loss is not None:
-                if val_loss < best_loss:
-                    best_loss, best_epoch, stale = val_loss, epoch + 1, 0
-                    best_params = {k: v.copy() for k, v in params.items()}
-                else:
-                    stale += 1
-                    if stale >= config.patience:
-                        break
-    if best_params is not None:
-        params = best_params
+            if val_loss is not None and stopping.stop(epoch, val_loss, params):
+                break
+    best_epoch = stopping.best_epoch
+    if stopping.best_params is not None:
+        params = stopping.best_params
     else:
         best_epoch = 0 if diverged else len(history)
     stats_default = "running"

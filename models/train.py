@@ -213,6 +213,44 @@ def split_generator(seed: int, split_seed: int | None = None) -> np.random.Gener
     return np.random.default_rng(np.random.SeedSequence(root).spawn(4)[0])
 
 
+def network_spec(config: TrainConfig, n_features: int, n_classes: int) -> NetworkSpec:
+    """The network `config` describes, for data with `n_features` and `n_classes`."""
+    return NetworkSpec(
+        n_features=n_features,
+        n_classes=n_classes,
+        hidden=config.hidden,
+        activation=config.activation,
+        bn=config.bn,
+        dropout=config.dropout,
+        leaky_slope=config.leaky_slope,
+        bn_eps=config.bn_eps,
+        bn_momentum=config.bn_momentum,
+    )
+
+
+@dataclass
+class EarlyStopping:
+    """The best validation epoch so far and its weights; stops after `patience` worse epochs."""
+
+    patience: int
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    best_params: Params | None = None
+    stale: int = 0
+
+    def keep(self, epoch: int, params: Params) -> None:
+        self.best_epoch, self.best_params = epoch + 1, {k: v.copy() for k, v in params.items()}
+
+    def stop(self, epoch: int, val_loss: float, params: Params) -> bool:
+        """Record epoch `epoch` (0-based); True when training should stop."""
+        if val_loss < self.best_loss:
+            self.best_loss, self.stale = val_loss, 0
+            self.keep(epoch, params)
+            return False
+        self.stale += 1
+        return self.stale >= self.patience
+
+
 def split_data(data: Dataset, config: TrainConfig, rng: np.random.Generator) -> Splits:
     """Test part (a separate file or a stratified fraction), then validation from the rest. A raw
     table's preprocessing is fitted on the training rows only, then every row is encoded."""
@@ -391,17 +429,7 @@ def train(
     if n < 2:
         raise DataError(f"{data.source}: {n} training example(s) left after the splits; need >= 2")
 
-    spec = NetworkSpec(
-        n_features=data.n_features,
-        n_classes=len(data.class_names),
-        hidden=config.hidden,
-        activation=config.activation,
-        bn=config.bn,
-        dropout=config.dropout,
-        leaky_slope=config.leaky_slope,
-        bn_eps=config.bn_eps,
-        bn_momentum=config.bn_momentum,
-    )
+    spec = network_spec(config, data.n_features, len(data.class_names))
     params = init_params(spec, init_rng, dtype)
     mean, std = standardization(splits.X_train)
     params["input.mean"], params["input.std"] = mean, std
@@ -411,7 +439,7 @@ def train(
         config.optimizer, config.beta1, config.beta2, config.momentum, config.weight_decay
     )
     has_val = len(splits.y_val) > 0
-    best_loss, best_params, best_epoch, stale = math.inf, None, 0, 0
+    stopping = EarlyStopping(config.patience)
     history: list[dict[str, float]] = []
     diverged = False
 
@@ -444,19 +472,15 @@ def train(
                 diverged = True  # keep the best weights seen so far; never save NaNs
                 break
             if has_val:
-                if val_loss < best_loss:
-                    best_loss, best_epoch, stale = val_loss, epoch + 1, 0
-                    best_params = {k: v.copy() for k, v in params.items()}
-                else:
-                    stale += 1
-                    if stale >= config.patience:
-                        break
+                if stopping.stop(epoch, val_loss, params):
+                    break
             elif config.epochs > 1:
                 # Without validation the last finite epoch is the best known: a later divergence must
                 # fall back to it, not throw every epoch away (one copy per epoch, small next to it).
-                best_epoch, best_params = epoch + 1, {k: v.copy() for k, v in params.items()}
-    if best_params is not None:
-        params = best_params
+                stopping.keep(epoch, params)
+    best_epoch = stopping.best_epoch
+    if stopping.best_params is not None:
+        params = stopping.best_params
     elif diverged:
         params = initial  # nothing usable was learnt; callers check metrics["best_epoch"] == 0
         best_epoch = 0
