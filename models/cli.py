@@ -321,6 +321,12 @@ def tune_main(argv: list[str]) -> int:
     )
     add_options(p, ("patience",), {"patience": 5})
     p.add_argument("--resume", action="store_true", help="continue the search in --out")
+    p.add_argument(
+        "--dask",
+        metavar="SCHEDULER",
+        help="run the trials on a Dask cluster: a scheduler address (tcp://host:8786), or "
+        "'local' for a LocalCluster of --jobs processes (needs the dask extra)",
+    )
     d = SearchSpace()
     p.add_argument(
         "--lr-range",
@@ -384,7 +390,7 @@ def tune_main(argv: list[str]) -> int:
     try:
         result = search(
             args.data, out, base, space, args.trials, args.rounds, args.jobs or os.cpu_count(),
-            args.seed, args.keep, args.resume, on_trial,
+            args.seed, args.keep, args.resume, on_trial, args.dask,
         )  # fmt: skip
     finally:
         bar.close()

@@ -14,8 +14,9 @@ import csv
 import json
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from bnserve.errors import BnserveError, UsageError
+from bnserve.errors import BnserveError, UsageError, require_extra
 from bnserve.models.train import TrainConfig
 
 CSV_FIELDS = [
@@ -138,6 +139,32 @@ def _init_worker() -> None:
     _worker_cache["limits"] = threadpool_limits(1)
 
 
+@contextmanager
+def trial_pool(jobs: int, dask: str | None) -> Iterator[tuple[Callable, Callable]]:
+    """`(submit, as_completed)` of the engine that runs the trials: forked local processes, or a
+    Dask cluster (`dask`: a scheduler address such as tcp://host:8786, or "local"). A Dask worker
+    must see the data file at the same path (a shared file system) and have bnserve installed."""
+    if dask is None:
+        with ProcessPoolExecutor(jobs, get_context("fork"), initializer=_init_worker) as pool:
+            yield pool.submit, as_completed
+        return
+    require_extra("distributed", "dask", "tune --dask")
+    from distributed import Client, LocalCluster
+    from distributed import as_completed as dask_completed
+
+    cluster = None
+    if dask == "local":
+        cluster = LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True)
+    client = Client(cluster if cluster is not None else dask)
+    try:
+        # pure=False: two trials with equal arguments are still two runs
+        yield (lambda fn, *args: client.submit(fn, *args, pure=False)), dask_completed
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
 def run_trial(
     data_source: str, base: dict[str, Any], point: dict[str, Any], trial: int, rnd: int
 ) -> dict[str, Any]:
@@ -146,6 +173,8 @@ def run_trial(
     from bnserve.models.train import train
 
     options = TrainConfig(**base).column_options()
+    if "limits" not in _worker_cache:  # a Dask worker: no pool initializer ran
+        _init_worker()
     key = f"{data_source}|{base.get('label')}|{options}"
     if key not in _worker_cache:
         _worker_cache[key] = load_dataset(data_source, base.get("label"), options)
@@ -214,9 +243,12 @@ def search(
     keep: float = 0.25,
     resume: bool = False,
     on_trial: Callable[[dict[str, Any], dict[str, Any] | None], None] | None = None,
+    dask: str | None = None,
 ) -> SearchResult:
     """Run the search, appending to `out/trials.csv`; returns every row, the box of each round
-    and the best trial."""
+    and the best trial. Trials run in `jobs` local processes, or on a Dask cluster (`dask`: a
+    scheduler address, or "local" for a LocalCluster of `jobs` processes): the same trials, the
+    same rows and the same resume rules either way."""
     if rounds < 1 or trials < rounds:
         raise UsageError(
             f"need at least one trial per round (--trials {trials}, --rounds {rounds})"
@@ -251,9 +283,9 @@ def search(
             _check_resumed(rows, points, rnd, csv_path)
             todo = [(t, p) for t, p in points if t not in done]
             base_round = {**base, "split_seed": seed}
-            with ProcessPoolExecutor(jobs, get_context("fork"), initializer=_init_worker) as pool:
+            with trial_pool(jobs, dask) as (submit, completed):
                 futures = [
-                    pool.submit(
+                    submit(
                         run_trial,
                         data_source,
                         {**base_round, "seed": trial_seed(seed, t)},
@@ -263,7 +295,7 @@ def search(
                     )
                     for t, p in todo
                 ]
-                for future in as_completed(futures):
+                for future in completed(futures):
                     row = future.result()
                     writer.writerow(_csv_row(row))
                     f.flush()  # a finished trial is on disk before the next one is awaited
