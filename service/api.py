@@ -5,7 +5,7 @@ The hot routes come first: the gateway tries the rules in this order.
 
 from __future__ import annotations
 
-from bnserve.service import simple_api, v2
+from bnserve.service import simple_api, v1, v2
 from bnserve.service.metrics import render
 from bnserve.service.routes import (
     OPEN,
@@ -53,6 +53,12 @@ INFER_DOC = Doc(
     binary=True,
 )
 METADATA_DOC = Doc("Model metadata", "ModelMetadata", "Metadata", READ)
+CONFIG_DOC = Doc(
+    "Triton-style model configuration (tritonclient get_model_config)",
+    "ModelConfig",
+    "Configuration",
+    READ,
+)
 READY_DOC = Doc("Model readiness", "ModelReady", "Ready", (404, 503))
 
 ROUTES: tuple[Route, ...] = (
@@ -98,12 +104,34 @@ ROUTES: tuple[Route, ...] = (
     Route(
         "/v2/models/<name>/versions/<version>", GET, v2.model_metadata_route, {"GET": METADATA_DOC}
     ),
+    Route("/v2/models/<name>/config", GET, v2.config_route, {"GET": CONFIG_DOC}),
+    Route("/v2/models/<name>/versions/<version>/config", GET, v2.config_route, {"GET": CONFIG_DOC}),
     Route("/v2/models/<name>/ready", GET, v2.model_ready_route, {"GET": READY_DOC}),
     Route(
         "/v2/models/<name>/versions/<version>/ready",
         GET,
         v2.model_ready_route,
         {"GET": READY_DOC},
+    ),
+    Route(
+        "/v1/models/<name>:predict",
+        POST,
+        v1.predict_route,
+        {
+            "POST": Doc(
+                "KServe V1 predict: one class label per instance (or probabilities)",
+                "V1Response",
+                "Predictions",
+                (400, 404, 413, 503),
+                request="V1Request",
+            )
+        },
+    ),
+    Route(
+        "/v1/models/<name>",
+        GET,
+        v1.model_route,
+        {"GET": Doc("KServe V1 model status", "V1Model", "Ready", (404, 503))},
     ),
     Route(
         "/v2/repository/index",

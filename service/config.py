@@ -21,7 +21,7 @@ OUTPUT_KINDS = ("auto", "probabilities", "logits")
 # for deployments behind a buffering proxy, gthread for --threads > 1.
 WORKER_CLASSES = ("gevent", "sync", "gthread")
 # Triton's names: `none` refuses the repository load/unload routes, `explicit` serves them.
-MODEL_CONTROL_MODES = ("none", "explicit")
+MODEL_CONTROL_MODES = ("none", "explicit", "poll")
 
 _CGROUP_V2_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 _CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
@@ -96,6 +96,7 @@ class ServiceConfig:
     runtime_dir: str | None = None  # model store and state file (set by `bnserve serve`)
     metrics_dir: str | None = None  # prometheus multiprocess files (set by `bnserve serve`)
     model_control: str = "none"
+    repository_poll_secs: float = 15.0  # --model-control poll: seconds between repository scans
     allow_signature_change: bool = False  # reloads may change a model's inputs/outputs/labels
 
     @classmethod

@@ -7,6 +7,8 @@ per request (context push, URL map matching, session, signals, response object).
 
 - takes `X-Request-ID` from the request when it is a sane token (else makes one: a per-worker
   random prefix and a counter, no syscall) and echoes it in the response;
+- continues a W3C `traceparent` (the caller's trace id, a span id of this request, the caller's
+  flags) in the response and writes the trace id into the access log line;
 - checks the bearer token when auth is on (service/auth.py), before the body is read;
 - switches models, tokens or draining when a new state was published (8 shared bytes,
   service/reload.py);
@@ -43,6 +45,22 @@ log = logging.getLogger("bnserve.service")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 UNMATCHED = "unmatched"  # the route label of 404s: random paths must not become label values
 REQUEST_ID_HEADER = "X-Request-ID"
+# W3C trace context: version-trace_id-parent_id-flags, lowercase hex; all-zero ids are invalid.
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
+
+
+def trace_of(header: str | None) -> tuple[str, str] | None:
+    """(trace id, flags) of a valid `traceparent` header, else None (then it is ignored)."""
+    if header is None:
+        return None
+    found = _TRACEPARENT.fullmatch(header.strip())
+    if found is None:
+        return None
+    version, trace_id, parent_id, flags = found.groups()
+    if version == "ff" or trace_id == _ZERO_TRACE or parent_id == _ZERO_SPAN:
+        return None
+    return trace_id, flags
 
 
 class AccessLog:
@@ -61,6 +79,7 @@ class AccessLog:
         status: int,
         seconds: float,
         size: int,
+        trace_id: str | None = None,
     ) -> None:
         line = orjson.dumps(
             {
@@ -68,6 +87,7 @@ class AccessLog:
                 "level": "info",
                 "logger": "bnserve.access",
                 "request_id": request_id,
+                "trace_id": trace_id,
                 "method": method,
                 "path": path[:256],
                 "route": route,
@@ -142,6 +162,10 @@ class Gateway:
             if metrics is not None:
                 metrics.in_flight.dec()
         headers.append((REQUEST_ID_HEADER, request_id))
+        trace = trace_of(environ.get("HTTP_TRACEPARENT"))
+        if trace is not None:  # continue the caller's trace: its id, this request's span
+            span = self._prefix[:8] + format(next(self._count) & 0xFFFFFFFF, "08x")
+            headers.append(("traceparent", f"00-{trace[0]}-{span}-{trace[1]}"))
         start_response(status_line(code), headers)
         seconds = time.perf_counter() - start
         status = code
@@ -157,6 +181,7 @@ class Gateway:
                 status,
                 seconds,
                 len(body),
+                None if trace is None else trace[0],
             )
         return [body]
 

@@ -24,7 +24,7 @@ from gunicorn.arbiter import Arbiter
 from bnserve.service.config import ServiceConfig
 from bnserve.service.errors import error_body
 from bnserve.service.metrics import mark_dead
-from bnserve.service.reload import ModelStore
+from bnserve.service.reload import ModelStore, RepositoryPoller
 from bnserve.service.repository import Repository
 
 log = logging.getLogger("bnserve.service")
@@ -137,6 +137,8 @@ class BnserveArbiter(Arbiter):
       so a storm of SIGHUPs costs one pass and never delays replacing a dead worker.
     - SIGTERM with `--drain-seconds N`: readiness answers 503 in every worker while they keep
       serving for N seconds, then the usual graceful stop. A second SIGTERM stops at once.
+    - `--model-control poll`: the same tick rescans the repository when it is time
+      (service/reload.py `RepositoryPoller`) and queues what changed for the reload runner.
     """
 
     def __init__(self, app: BnserveApplication) -> None:
@@ -144,6 +146,9 @@ class BnserveArbiter(Arbiter):
         self.bnserve_config: ServiceConfig = app.config
         self.drain_deadline: float | None = None
         self.reload_runner: subprocess.Popen | None = None
+        self.poller: RepositoryPoller | None = None
+        if self.bnserve_config.model_control == "poll":
+            self.poller = RepositoryPoller(self.bnserve_config, self._store())
 
     def _store(self) -> Any:
         return ModelStore(self.bnserve_config.runtime_dir)
@@ -195,6 +200,11 @@ class BnserveArbiter(Arbiter):
 
     def murder_workers(self) -> None:  # called once per master loop (about a second)
         super().murder_workers()
+        if self.poller is not None:
+            try:
+                self.poller.tick(time.monotonic())
+            except Exception:  # the master must survive whatever a scan meets
+                self.log.exception("repository poll failed")
         self.start_reload_runner()
         if self.drain_deadline is not None and time.monotonic() >= self.drain_deadline:
             self.log.info("drain period over: stopping gracefully")

@@ -245,6 +245,42 @@ def _schemas(n_features: int | None, raw_columns: bool = False) -> dict[str, Any
             },
         },
         "OpenAPI": {"type": "object"},
+        "ModelConfig": {
+            "type": "object",
+            "required": ["name", "platform", "max_batch_size", "input", "output"],
+            "properties": {
+                "name": {"type": "string"},
+                "platform": {"type": "string"},
+                "backend": {"type": "string"},
+                "max_batch_size": {"type": "integer"},
+                "input": {"type": "array", "items": {"type": "object"}},
+                "output": {"type": "array", "items": {"type": "object"}},
+                "version_policy": {"type": "object"},
+                "parameters": {"type": "object"},
+            },
+        },
+        "V1Request": {
+            "type": "object",
+            "required": ["instances"],
+            "properties": {
+                "instances": {"type": "array", "minItems": 1, "items": row},
+                "parameters": {
+                    "type": "object",
+                    "properties": {"probabilities": {"type": "boolean"}},
+                },
+            },
+            "additionalProperties": False,
+        },
+        "V1Response": {
+            "type": "object",
+            "required": ["predictions"],
+            "properties": {"predictions": {"type": "array"}},
+        },
+        "V1Model": {
+            "type": "object",
+            "required": ["name", "ready"],
+            "properties": {"name": {"type": "string"}, "ready": {"type": "boolean"}},
+        },
         "LoadResult": {
             "type": "object",
             "required": ["name", "result", "versions"],

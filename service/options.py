@@ -290,9 +290,17 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         choice(*MODEL_CONTROL_MODES),
         "none",
         "none: the repository load/unload routes answer 403 (SIGHUP still reloads); explicit: "
-        "they load and unload models, with the token when one is set",
+        "they load and unload models, with the token when one is set; poll: the repository is "
+        "re-scanned every --repository-poll-secs and served as it is (load/unload answer 403)",
         _env("MODEL_CONTROL"),
         choices=MODEL_CONTROL_MODES,
+    ),
+    Option(
+        "repository-poll-secs",
+        positive_seconds,
+        15.0,
+        "with --model-control poll: seconds between two scans of the model repository",
+        _env("REPOSITORY_POLL_SECS"),
     ),
     Option(
         "allow-signature-change",

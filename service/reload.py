@@ -262,6 +262,59 @@ class ModelStore:
         return None
 
 
+class RepositoryPoller:
+    """`--model-control poll`: the master rescans the repository every `--repository-poll-secs`
+    (directory listings and file stats only) and, when anything changed, queues a load of every
+    model found (new models and versions appear, changed files are validated and compared like
+    any reload, removed versions drop out) and an unload of served models that are gone; the
+    reload runner does the work, so in-flight requests finish on the models they started with."""
+
+    def __init__(self, config: ServiceConfig, store: ModelStore) -> None:
+        self.config = config
+        self.store = store
+        self.next_scan = 0.0
+        # the repository as the server starts with it (the master makes this before any worker)
+        self.snapshot: dict[str, Any] = self.scan()
+
+    def scan(self) -> dict[str, Any]:
+        """{name: {version: (path, mtime_ns, size)}} of the repository as it is now."""
+        try:
+            found = find_models(self.config.model, self.config.model_name)
+        except BnserveError as exc:
+            log.error("cannot scan the model repository %s: %s", self.config.model, exc)
+            return {}
+        snapshot: dict[str, Any] = {}
+        for name, versions in found.items():
+            entries = {}
+            for version, path in versions.items():
+                try:
+                    info = Path(path).stat()
+                except OSError:
+                    continue
+                entries[version] = (str(path), info.st_mtime_ns, info.st_size)
+            snapshot[name] = entries
+        return snapshot
+
+    def tick(self, now: float) -> bool:
+        """Scan when it is time; True when reload requests were queued."""
+        if now < self.next_scan:
+            return False
+        self.next_scan = now + self.config.repository_poll_secs
+        snapshot = self.scan()
+        previous, self.snapshot = self.snapshot, snapshot
+        if snapshot == previous:
+            return False
+        served = set(self.store.read()["models"])
+        gone = sorted(served - set(snapshot))
+        if gone:
+            log.info("repository poll: %s removed, unloading", ", ".join(gone))
+            self.store.submit("unload", gone)
+        if snapshot:
+            log.info("repository poll: changes found, loading %s", ", ".join(sorted(snapshot)))
+            self.store.submit("load", sorted(snapshot), self.config.allow_signature_change)
+        return True
+
+
 class GenerationWatch:
     """A worker's read-only view of the published state generation (8 shared bytes)."""
 

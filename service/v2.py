@@ -8,6 +8,7 @@ its defaults. HTTP/REST only: there is no gRPC endpoint.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,10 @@ EXTENSIONS = ["binary_tensor_data", "classification", "model_repository"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 EXAMPLE = '{"inputs": [{"name": "input", "shape": [1, F], "datatype": "FP32", "data": [...]}]}'
+
+
+def json_text(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
 
 
 def server_metadata() -> dict[str, Any]:
@@ -251,6 +256,62 @@ def model_metadata_route(call: Call) -> Answer:
     runtime = registry.get(name, version)
     sha = registry.hashes.get((name, runtime.version))
     return json_answer(dumps(model_metadata(registry.model(name), runtime, sha)))
+
+
+#: Open Inference Protocol datatype -> Triton model-configuration data type.
+TRITON_TYPES = {
+    "BOOL": "TYPE_BOOL",
+    "UINT8": "TYPE_UINT8",
+    "UINT16": "TYPE_UINT16",
+    "UINT32": "TYPE_UINT32",
+    "UINT64": "TYPE_UINT64",
+    "INT8": "TYPE_INT8",
+    "INT16": "TYPE_INT16",
+    "INT32": "TYPE_INT32",
+    "INT64": "TYPE_INT64",
+    "FP16": "TYPE_FP16",
+    "FP32": "TYPE_FP32",
+    "FP64": "TYPE_FP64",
+    "BYTES": "TYPE_STRING",
+}
+
+
+def triton_config(model: ModelVersions, runtime: ModelRuntime, max_batch: int) -> dict[str, Any]:
+    """The model in Triton's model-configuration JSON (what `get_model_config` returns): the
+    batch dimension is implicit (`max_batch_size` > 0), so `dims` leave it out."""
+    metadata = model_metadata(model, runtime)
+
+    def tensors(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": e["name"],
+                "data_type": TRITON_TYPES[e["datatype"]],
+                "dims": [d for d in e["shape"][1:]] or [1],
+            }
+            for e in entries
+        ]
+
+    return {
+        "name": model.name,
+        "platform": PLATFORM,
+        "backend": "onnxruntime",
+        "version_policy": {"specific": {"versions": [int(v) for v in model.version_names()]}},
+        "max_batch_size": max_batch,
+        "input": tensors(metadata["inputs"]),
+        "output": tensors(metadata["outputs"]),
+        "parameters": {
+            "labels": {"string_value": json_text(list(runtime.labels))},
+            "default_version": {"string_value": str(model.default)},
+        },
+    }
+
+
+def config_route(call: Call) -> Answer:
+    """`GET /v2/models/{m}[/versions/{v}]/config`: the Triton-style model configuration."""
+    name = call.params["name"]
+    runtime = call.registry.get(name, call.params.get("version"))
+    model = call.registry.model(name)
+    return json_answer(dumps(triton_config(model, runtime, call.config.max_batch)))
 
 
 def model_ready_route(call: Call) -> Answer:

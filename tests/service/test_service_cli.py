@@ -347,7 +347,7 @@ def test_help_and_version_work_whatever_the_environment_holds(
     [
         (["--body-timeout", "0"], {}, "must be > 0"),
         (["--port", "70000"], {}, "must be at most 65535"),
-        (["--model-control", "poll"], {}, "must be one of none, explicit"),
+        (["--model-control", "auto"], {}, "must be one of none, explicit, poll"),
         ([], {"BNSERVE_ACCESS_LOG": "maybe"}, "BNSERVE_ACCESS_LOG must be true or false"),
         ([], {"BNSERVE_DRAIN_SECONDS": "-1"}, "BNSERVE_DRAIN_SECONDS must be >= 0"),
         ([], {"BNSERVE_MAX_BODY_MB": "0"}, "BNSERVE_MAX_BODY_MB must be > 0"),
