@@ -375,6 +375,8 @@ def convert_checkpoint(
     )
     if pre is not None:
         metadata["bnserve.preprocessing"] = export.to_json(pre.to_json())
+    if ckpt.profile:  # the training inputs' statistics the folded graph no longer holds
+        metadata["bnserve.profile"] = export.to_json(ckpt.profile)
     export.set_metadata(model, metadata)
     export.check_model(model)
 

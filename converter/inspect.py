@@ -24,6 +24,8 @@ JSON_KEYS = (
     "bnserve.feature_names",
     "bnserve.fold_report",
     "bnserve.parity_report",
+    "bnserve.preprocessing",
+    "bnserve.profile",
 )
 
 
@@ -228,6 +230,27 @@ def _parity_lines(report: Any) -> list[str]:
     return lines
 
 
+def _profile_lines(profile: dict[str, Any], limit: int = 12) -> list[str]:
+    """The training profile: each input's range and median, or its categories."""
+    inputs = profile.get("inputs") or []
+    lines = [f"  training profile ({len(inputs)} inputs):"]
+    for entry in inputs[:limit]:
+        if entry.get("kind") == "categorical":
+            freq = entry.get("frequencies") or {}
+            shown = ", ".join(f"{c} {f:.0%}" for c, f in list(freq.items())[:6])
+            lines.append(f"    {entry.get('name')}: categories {shown}")
+        elif "min" in entry:
+            q = entry.get("quantiles") or []
+            median = q[len(q) // 2] if q else None
+            lines.append(
+                f"    {entry.get('name')}: n {entry.get('count')}, range [{_g(entry['min'])}, "
+                f"{_g(entry['max'])}], mean {_g(entry.get('mean'))}, median {_g(median)}"
+            )
+    if len(inputs) > limit:
+        lines.append(f"    ... ({len(inputs) - limit} more)")
+    return lines
+
+
 def format_description(desc: dict[str, Any], title: str = "") -> str:
     """Human-readable rendering of `describe_model`'s result."""
     opsets = ", ".join(f"{d} {v}" for d, v in desc["opset"].items())
@@ -272,6 +295,8 @@ def format_description(desc: dict[str, Any], title: str = "") -> str:
             lines += _fold_lines(b["fold_report"])
         if "parity_report" in b:
             lines += _parity_lines(b["parity_report"])
+        if isinstance(b.get("profile"), dict):
+            lines += _profile_lines(b["profile"])
     other = {k: v for k, v in desc["metadata"].items() if not k.startswith("bnserve.")}
     if other:
         lines.append("other metadata:")

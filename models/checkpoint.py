@@ -42,6 +42,8 @@ class Checkpoint:
     # Raw tabular inputs (models/tabular.py): how raw columns become `feature_names`; None when
     # the features are the data's own numeric columns.
     preprocessor: Preprocessor | None = None
+    # What the inputs looked like in training (models/profile.py); empty for older checkpoints.
+    profile: dict[str, Any] = field(default_factory=dict)
 
     @property
     def has_population_stats(self) -> bool:
@@ -84,6 +86,8 @@ def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike[str]) -> None:
     }
     if ckpt.preprocessor is not None:
         header["preprocessing"] = ckpt.preprocessor.to_json()
+    if ckpt.profile:
+        header["profile"] = ckpt.profile
     arrays = {HEADER_KEY: np.frombuffer(json.dumps(header, sort_keys=True).encode(), np.uint8)}
     arrays.update({k: np.ascontiguousarray(v) for k, v in sorted(ckpt.params.items())})
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
@@ -164,6 +168,7 @@ def _from_header(path: Path, header: Any, arrays: dict[str, np.ndarray]) -> Chec
         data_fingerprint=str(header.get("data_fingerprint", "")),
         metrics=_dict(header.get("metrics")),
         preprocessor=preprocessor,
+        profile=_dict(header.get("profile")),
     )
 
 

@@ -65,6 +65,15 @@ def _take(column: Any, rows: np.ndarray) -> Any:
     return column[rows] if isinstance(column, np.ndarray) else [column[i] for i in rows]
 
 
+def booleans(column: Any, missing_values: tuple[str, ...]) -> np.ndarray:
+    """A boolean column as 1.0 / 0.0, NaN for missing (and for a cell that is no boolean)."""
+    return np.array(
+        [np.nan if c in missing_values else (_boolean(c) if _boolean(c) is not None else np.nan)
+         for c in _as_text(column)],
+        dtype=np.float64,
+    )  # fmt: skip
+
+
 def numbers(column: Any, missing_values: tuple[str, ...]) -> np.ndarray | None:
     """A numeric column as float64 with NaN for missing cells; None if a text cell is no number."""
     if isinstance(column, np.ndarray):

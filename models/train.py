@@ -29,6 +29,7 @@ from bnserve.models.network import (
     loss_and_grads,
 )
 from bnserve.models.optim import OPTIMIZERS, SCHEDULES, make_optimizer, scheduled_lr
+from bnserve.models.profile import profile_of_features, profile_of_table
 from bnserve.models.tabular import DEFAULT_MIN_FREQUENCY, DEFAULT_MISSING, ColumnOptions
 
 DTYPES = {"float64": np.float64, "float32": np.float32}
@@ -196,6 +197,7 @@ class Splits:
     y_val: np.ndarray
     X_test: np.ndarray | None
     y_test: np.ndarray | None
+    profile: dict[str, Any] = field(default_factory=dict)  # the training rows' inputs
 
 
 @dataclass
@@ -275,7 +277,11 @@ def split_data(data: Dataset, config: TrainConfig, rng: np.random.Generator) -> 
         X_test, y_test = X[test_rows], y[test_rows]
     else:
         X_test = y_test = None
-    return Splits(X[train_rows], y[train_rows], X[val_rows], y[val_rows], X_test, y_test)
+    if data.table is not None and data.preprocessor is not None:
+        profile = profile_of_table(data.table, train_rows, data.preprocessor)
+    else:
+        profile = profile_of_features(X[train_rows], data.feature_names)
+    return Splits(X[train_rows], y[train_rows], X[val_rows], y[val_rows], X_test, y_test, profile)
 
 
 @dataclass
@@ -513,6 +519,7 @@ def train(
         data_fingerprint=fingerprint(data.X, data.y, data.class_names),
         metrics=metrics,
         preprocessor=data.preprocessor,
+        profile=splits.profile,
     )
     return TrainResult(checkpoint, history, metrics)
 

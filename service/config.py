@@ -97,6 +97,8 @@ class ServiceConfig:
     metrics_dir: str | None = None  # prometheus multiprocess files (set by `bnserve serve`)
     model_control: str = "none"
     repository_poll_secs: float = 15.0  # --model-control poll: seconds between repository scans
+    on_out_of_range: str = "flag"  # inputs outside the training profile: flag, ignore, reject
+    out_of_range_k: float = 4.0  # the allowed range: [min - k std, max + k std] of training
     allow_signature_change: bool = False  # reloads may change a model's inputs/outputs/labels
 
     @classmethod

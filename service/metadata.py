@@ -18,6 +18,7 @@ import onnx
 from bnserve.errors import ModelError
 from bnserve.service.columns import RawColumn, read_columns
 from bnserve.service.config import OUTPUT_KINDS
+from bnserve.service.profile import Profile, read_profile
 
 #: The newest `bnserve.format_version` this service understands.
 SUPPORTED_FORMAT_VERSION = 1
@@ -70,6 +71,7 @@ class ModelInfo:
     # A model with one input per raw table column (service/columns.py); `input` then stands for
     # all of them: no name, width = the number of columns, `feature_names` = the column names.
     columns: tuple[RawColumn, ...] | None = None
+    profile: Profile | None = None  # the training inputs (service/profile.py), when written
 
     @property
     def fixed_batch(self) -> int | None:
@@ -85,7 +87,7 @@ class ModelInfo:
     def reports(self) -> dict[str, Any]:
         """The converter's fold and parity reports (and provenance), parsed, when present."""
         out: dict[str, Any] = {}
-        for key in ("fold_report", "parity_report", "stats"):
+        for key in ("fold_report", "parity_report", "stats", "profile"):
             raw = self.metadata.get(f"bnserve.{key}")
             if raw is not None:
                 try:
@@ -183,6 +185,9 @@ def describe(model: onnx.ModelProto, output_kind: str = "auto", where: str = "mo
         feature_names=tuple(str(n) for n in feature_names) if feature_names is not None else None,
         metadata=metadata,
         columns=columns,
+        profile=read_profile(
+            metadata, tuple(str(n) for n in feature_names) if feature_names else None, columns
+        ),
     )
 
 

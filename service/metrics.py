@@ -123,6 +123,12 @@ class Metrics:
             "categories), by model and input column",
             ["model", "input"],
         )
+        self.out_of_range = Counter(
+            "bnserve_out_of_range_total",
+            "Input values outside the model's training profile ([min - k std, max + k std], or "
+            "an unseen category), by model and input",
+            ["model", "input"],
+        )
         self.model_loads = Counter(
             "bnserve_model_loads_total",
             "Model versions loaded into a worker (boot and reload), by model and result",
@@ -157,9 +163,16 @@ class Metrics:
 
     def unknown_category_counter(self, model: str) -> Any:
         """`count(column, n)`: unknown categories seen by `model` (handed to the runtime)."""
+        return self._counter(self.unknown_categories, model)
 
-        def count(column: str, n: int) -> None:
-            self.unknown_categories.labels(model, column).inc(n)
+    def out_of_range_counter(self, model: str) -> Any:
+        """`count(input, n)`: values of `model`'s inputs outside its training profile."""
+        return self._counter(self.out_of_range, model)
+
+    @staticmethod
+    def _counter(counter: Any, model: str) -> Any:
+        def count(label: str, n: int) -> None:
+            counter.labels(model, label).inc(n)
 
         return count
 

@@ -24,6 +24,7 @@ from bnserve.service.config import (
     WORKER_CLASSES,
     default_workers,
 )
+from bnserve.service.profile import ON_OUT_OF_RANGE
 
 _DAY = 86400.0
 
@@ -301,6 +302,23 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         15.0,
         "with --model-control poll: seconds between two scans of the model repository",
         _env("REPOSITORY_POLL_SECS"),
+    ),
+    Option(
+        "on-out-of-range",
+        choice(*ON_OUT_OF_RANGE),
+        "flag",
+        "inputs outside the model's training profile (a number beyond [min - k std, max + k std] "
+        "of training, an unseen category): flag (warnings in the answer, counted), ignore, or "
+        "reject (400)",
+        _env("ON_OUT_OF_RANGE"),
+        choices=ON_OUT_OF_RANGE,
+    ),
+    Option(
+        "out-of-range-k",
+        positive_number,
+        4.0,
+        "k of the allowed range [min - k std, max + k std]",
+        _env("OUT_OF_RANGE_K"),
     ),
     Option(
         "allow-signature-change",

@@ -110,6 +110,7 @@ class ModelRegistry:
             self.metrics.model_loads.labels(name, "ok").inc()
             runtime.observe = self.metrics.inference_observer(name)
             runtime.count_unknown = self.metrics.unknown_category_counter(name)
+            runtime.count_out_of_range = self.metrics.out_of_range_counter(name)
         return runtime
 
     def attach_metrics(self, metrics: Any) -> None:
@@ -119,6 +120,7 @@ class ModelRegistry:
             for version, runtime in model.loaded.items():
                 runtime.observe = metrics.inference_observer(model.name)
                 runtime.count_unknown = metrics.unknown_category_counter(model.name)
+                runtime.count_out_of_range = metrics.out_of_range_counter(model.name)
                 sha = self.hashes.get((model.name, version), "")
                 metrics.served(model.name, version, runtime.device, sha, True)
 

@@ -23,6 +23,7 @@ from bnserve.errors import ModelError
 from bnserve.service.columns import empty_feeds, unknown_categories
 from bnserve.service.config import DEVICES
 from bnserve.service.metadata import ModelInfo, load_info
+from bnserve.service.profile import out_of_range, refuse
 
 log = logging.getLogger("bnserve.service")
 
@@ -97,6 +98,7 @@ class ModelRuntime:
     load_seconds: float
     observe: Callable[[float], None] | None = None  # the inference latency histogram
     count_unknown: Callable[[str, int], None] | None = None  # unknown categories, by column
+    count_out_of_range: Callable[[str, int], None] | None = None  # outside the profile, by input
 
     @classmethod
     def load(
@@ -210,6 +212,22 @@ class ModelRuntime:
                 chunk = np.concatenate([chunk, padding])
             parts.append(self.run(output_names, chunk))
         return [np.concatenate([p[i] for p in parts])[:n] for i in range(len(output_names))]
+
+    def check_inputs(
+        self, x: np.ndarray | dict[str, np.ndarray], mode: str, k: float
+    ) -> list[dict[str, Any]]:
+        """Warnings for inputs outside the training profile (none without a profile or with
+        `mode` "ignore"); counted, and refused with `mode` "reject" (BadRequestError)."""
+        profile = self.info.profile
+        if profile is None or mode == "ignore":
+            return []
+        warnings, counts = out_of_range(x, profile, k, self.info.columns)
+        if self.count_out_of_range is not None:
+            for name, n in counts.items():
+                self.count_out_of_range(name, n)
+        if warnings and mode == "reject":
+            raise refuse(warnings)
+        return warnings
 
     def probabilities(self, x: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
         """Class probabilities `[batch, C]` float32: softmax applied when the model gives logits."""

@@ -194,6 +194,8 @@ def predict_body(
     environ: dict[str, Any],
     max_body_bytes: int,
     max_batch: int,
+    on_out_of_range: str = "flag",
+    out_of_range_k: float = 4.0,
 ) -> bytes:
     """The whole `POST /predict`: read and parse the body, run, encode (raises BnserveError).
 
@@ -203,7 +205,10 @@ def predict_body(
     budget = JsonBudget.for_rows(max_batch, runtime.info.n_features)
     body = parse_json_object(read_body(environ, max_body_bytes), EXAMPLE, budget)
     x, batched, top_k = parse_predict_request(body, runtime, max_batch)
+    warnings = runtime.check_inputs(x, on_out_of_range, out_of_range_k)
     answers = predictions(runtime, runtime.probabilities(x), top_k)
+    for warning in warnings:  # on the answer of the row it is about, only where there is one
+        answers[warning.pop("row")].setdefault("warnings", []).append(warning)
     return dumps({"predictions": answers} if batched else answers[0])
 
 
@@ -216,7 +221,16 @@ def predict_route(call: Call) -> Answer:
     if call.method != "POST":
         return json_answer(dumps(explain(registry, runtime, config.max_batch)))
     return json_answer(
-        predict_body(registry, name, version, call.environ, config.max_body_bytes, config.max_batch)
+        predict_body(
+            registry,
+            name,
+            version,
+            call.environ,
+            config.max_body_bytes,
+            config.max_batch,
+            config.on_out_of_range,
+            config.out_of_range_k,
+        )
     )
 
 

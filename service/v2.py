@@ -109,7 +109,12 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvie
 
 
 def infer(
-    runtime: ModelRuntime, body: bytes, header_length: str | None, max_batch: int
+    runtime: ModelRuntime,
+    body: bytes,
+    header_length: str | None,
+    max_batch: int,
+    on_out_of_range: str = "flag",
+    out_of_range_k: float = 4.0,
 ) -> tuple[bytes, dict[str, str]]:
     """Run one infer request; returns the response body and its extra headers."""
     header_bytes, binary = split_body(body, header_length)
@@ -131,6 +136,7 @@ def infer(
         x = decode_input(
             inputs[0], binary, info.input.name, info.n_features, info.input.dtype, max_batch
         )
+    warnings = runtime.check_inputs(x, on_out_of_range, out_of_range_k)
     requested = _requested_outputs(header, runtime)
     names = list(dict.fromkeys(name for name, _, _ in requested))
     results = dict(zip(names, runtime.run(names, x), strict=True))
@@ -153,6 +159,8 @@ def infer(
     response: dict[str, Any] = {"model_name": runtime.name, "model_version": str(runtime.version)}
     if request_id is not None:
         response["id"] = request_id
+    if warnings:  # inputs outside the training profile (service/profile.py)
+        response["parameters"] = {"out_of_range": warnings}
     response["outputs"] = entries
     json_part = dumps(response)
     if not any("parameters" in e for e in entries):
@@ -325,7 +333,14 @@ def infer_route(call: Call) -> Answer:
     config = call.config
     body = read_body(call.environ, config.max_body_bytes)
     header_length = call.environ.get("HTTP_INFERENCE_HEADER_CONTENT_LENGTH")
-    payload, headers = infer(runtime, body, header_length, config.max_batch)
+    payload, headers = infer(
+        runtime,
+        body,
+        header_length,
+        config.max_batch,
+        config.on_out_of_range,
+        config.out_of_range_k,
+    )
     return 200, [("Content-Length", str(len(payload))), *headers.items()], payload
 
 
