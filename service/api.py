@@ -6,7 +6,8 @@ The hot routes come first: the gateway tries the rules in this order.
 from __future__ import annotations
 
 from bnserve.service import simple_api, v1, v2
-from bnserve.service.metrics import render
+from bnserve.service.drift import window_for
+from bnserve.service.metrics import get_metrics, render
 from bnserve.service.routes import (
     OPEN,
     PUBLIC_METRICS,
@@ -20,7 +21,15 @@ from bnserve.service.routes import (
 
 
 def metrics_route(call: Call) -> Answer:
-    """Prometheus text of every worker (multiprocess mode)."""
+    """Prometheus text of every worker (multiprocess mode), the drift gauges brought up to date
+    from the shared windows first."""
+    metrics = get_metrics()
+    for model in call.registry.models.values():
+        runtime = model.loaded.get(model.default)
+        window = window_for(runtime, call.config) if runtime is not None else None
+        if window is not None:
+            for entry in window.report()["inputs"]:
+                metrics.drift_psi.labels(model.name, entry["name"]).set(entry["psi"])
     body, content_type = render()
     return 200, [("Content-Type", content_type), ("Content-Length", str(len(body)))], body
 
@@ -71,6 +80,20 @@ ROUTES: tuple[Route, ...] = (
         PREDICT,
         simple_api.predict_route,
         PREDICT_DOCS,
+    ),
+    Route(
+        "/models/<name>/drift",
+        GET,
+        simple_api.drift_route,
+        {
+            "GET": Doc(
+                "Input drift: each input's PSI over the recent window against the training "
+                "deciles, shifted inputs first",
+                "Drift",
+                "Drift report",
+                (404, 503),
+            )
+        },
     ),
     Route(
         "/health",

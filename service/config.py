@@ -99,6 +99,7 @@ class ServiceConfig:
     repository_poll_secs: float = 15.0  # --model-control poll: seconds between repository scans
     on_out_of_range: str = "flag"  # inputs outside the training profile: flag, ignore, reject
     out_of_range_k: float = 4.0  # the allowed range: [min - k std, max + k std] of training
+    drift_window_secs: float = 600.0  # the window of recent inputs the drift PSI is computed on
     allow_signature_change: bool = False  # reloads may change a model's inputs/outputs/labels
 
     @classmethod

@@ -117,6 +117,13 @@ class Metrics:
             "Requests being handled now (summed over live workers)",
             multiprocess_mode="livesum",
         )
+        self.drift_psi = Gauge(
+            "bnserve_drift_psi",
+            "Population stability index of each input over the recent window against the "
+            "training deciles (above 0.2: a significant shift); updated when /metrics is read",
+            ["model", "input"],
+            multiprocess_mode="mostrecent",
+        )
         self.unknown_categories = Counter(
             "bnserve_unknown_categories_total",
             "Categorical values a model never saw in training (answered as its 'other' "

@@ -276,6 +276,18 @@ def _schemas(n_features: int | None, raw_columns: bool = False) -> dict[str, Any
             "required": ["predictions"],
             "properties": {"predictions": {"type": "array"}},
         },
+        "Drift": {
+            "type": "object",
+            "required": ["model", "version", "window_seconds", "rows", "inputs"],
+            "properties": {
+                "model": {"type": "string"},
+                "version": {"type": "string"},
+                "window_seconds": {"type": "number"},
+                "rows": {"type": "integer"},
+                "threshold": {"type": "number"},
+                "inputs": {"type": "array", "items": {"type": "object"}},
+            },
+        },
         "V1Model": {
             "type": "object",
             "required": ["name", "ready"],

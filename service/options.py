@@ -321,6 +321,14 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         _env("OUT_OF_RANGE_K"),
     ),
     Option(
+        "drift-window-secs",
+        positive_seconds,
+        600.0,
+        "the window of recent inputs each model's drift (PSI against its training deciles, "
+        "GET /models/{m}/drift) is computed on",
+        _env("DRIFT_WINDOW_SECS"),
+    ),
+    Option(
         "allow-signature-change",
         boolean,
         False,

@@ -99,6 +99,7 @@ class ModelRuntime:
     observe: Callable[[float], None] | None = None  # the inference latency histogram
     count_unknown: Callable[[str, int], None] | None = None  # unknown categories, by column
     count_out_of_range: Callable[[str, int], None] | None = None  # outside the profile, by input
+    drift: Any = None  # the drift window (service/drift.py), made on first use; False: none
 
     @classmethod
     def load(

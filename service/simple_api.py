@@ -12,7 +12,9 @@ import numpy as np
 
 from bnserve.service.body import JsonBudget, dumps, json_type, parse_json_object, read_body
 from bnserve.service.columns import RawColumn, feeds_from_rows
-from bnserve.service.errors import BadRequestError, PayloadTooLargeError
+from bnserve.service.config import ServiceConfig
+from bnserve.service.drift import window_for
+from bnserve.service.errors import BadRequestError, NotFoundError, PayloadTooLargeError
 from bnserve.service.registry import ModelRegistry
 from bnserve.service.routes import Answer, Call, json_answer
 from bnserve.service.runtime import ModelRuntime
@@ -192,20 +194,20 @@ def predict_body(
     name: str | None,
     version: str | None,
     environ: dict[str, Any],
-    max_body_bytes: int,
-    max_batch: int,
-    on_out_of_range: str = "flag",
-    out_of_range_k: float = 4.0,
+    config: ServiceConfig,
 ) -> bytes:
     """The whole `POST /predict`: read and parse the body, run, encode (raises BnserveError).
 
     Shared by the Flask route and the gateway's fast path (service/gateway.py).
     """
     runtime = registry.get(name, version)
-    budget = JsonBudget.for_rows(max_batch, runtime.info.n_features)
-    body = parse_json_object(read_body(environ, max_body_bytes), EXAMPLE, budget)
-    x, batched, top_k = parse_predict_request(body, runtime, max_batch)
-    warnings = runtime.check_inputs(x, on_out_of_range, out_of_range_k)
+    budget = JsonBudget.for_rows(config.max_batch, runtime.info.n_features)
+    body = parse_json_object(read_body(environ, config.max_body_bytes), EXAMPLE, budget)
+    x, batched, top_k = parse_predict_request(body, runtime, config.max_batch)
+    warnings = runtime.check_inputs(x, config.on_out_of_range, config.out_of_range_k)
+    drift = window_for(runtime, config)
+    if drift is not None:
+        drift.observe(x)
     answers = predictions(runtime, runtime.probabilities(x), top_k)
     for warning in warnings:  # on the answer of the row it is about, only where there is one
         answers[warning.pop("row")].setdefault("warnings", []).append(warning)
@@ -220,18 +222,19 @@ def predict_route(call: Call) -> Answer:
     runtime = registry.get(name, version)
     if call.method != "POST":
         return json_answer(dumps(explain(registry, runtime, config.max_batch)))
-    return json_answer(
-        predict_body(
-            registry,
-            name,
-            version,
-            call.environ,
-            config.max_body_bytes,
-            config.max_batch,
-            config.on_out_of_range,
-            config.out_of_range_k,
+    return json_answer(predict_body(registry, name, version, call.environ, config))
+
+
+def drift_route(call: Call) -> Answer:
+    """`GET /models/{m}/drift`: each input's PSI over the recent window, shifted inputs first."""
+    name = call.params["name"]
+    runtime = call.registry.get(name, None)
+    window = window_for(runtime, call.config)
+    if window is None:
+        raise NotFoundError(
+            f"model {name!r} has no training profile with deciles (convert it with this bnserve)"
         )
-    )
+    return json_answer(dumps({"model": name, "version": str(runtime.version), **window.report()}))
 
 
 def health_route(call: Call) -> Answer:

@@ -16,6 +16,8 @@ import numpy as np
 import bnserve
 from bnserve.service.body import JsonBudget, dumps, json_type, parse_json_object, read_body
 from bnserve.service.columns import RawColumn, decode_column
+from bnserve.service.config import ServiceConfig
+from bnserve.service.drift import window_for
 from bnserve.service.errors import BadRequestError, ForbiddenError, GatewayTimeoutError
 from bnserve.service.registry import ModelRegistry, ModelVersions
 from bnserve.service.reload import ReloadError
@@ -109,14 +111,10 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvie
 
 
 def infer(
-    runtime: ModelRuntime,
-    body: bytes,
-    header_length: str | None,
-    max_batch: int,
-    on_out_of_range: str = "flag",
-    out_of_range_k: float = 4.0,
+    runtime: ModelRuntime, body: bytes, header_length: str | None, config: ServiceConfig
 ) -> tuple[bytes, dict[str, str]]:
     """Run one infer request; returns the response body and its extra headers."""
+    max_batch = config.max_batch
     header_bytes, binary = split_body(body, header_length)
     budget = JsonBudget.for_rows(max_batch, runtime.info.n_features)
     header = parse_json_object(header_bytes, EXAMPLE, budget)
@@ -136,7 +134,10 @@ def infer(
         x = decode_input(
             inputs[0], binary, info.input.name, info.n_features, info.input.dtype, max_batch
         )
-    warnings = runtime.check_inputs(x, on_out_of_range, out_of_range_k)
+    warnings = runtime.check_inputs(x, config.on_out_of_range, config.out_of_range_k)
+    drift = window_for(runtime, config)
+    if drift is not None:
+        drift.observe(x)
     requested = _requested_outputs(header, runtime)
     names = list(dict.fromkeys(name for name, _, _ in requested))
     results = dict(zip(names, runtime.run(names, x), strict=True))
@@ -333,14 +334,7 @@ def infer_route(call: Call) -> Answer:
     config = call.config
     body = read_body(call.environ, config.max_body_bytes)
     header_length = call.environ.get("HTTP_INFERENCE_HEADER_CONTENT_LENGTH")
-    payload, headers = infer(
-        runtime,
-        body,
-        header_length,
-        config.max_batch,
-        config.on_out_of_range,
-        config.out_of_range_k,
-    )
+    payload, headers = infer(runtime, body, header_length, config)
     return 200, [("Content-Length", str(len(payload))), *headers.items()], payload
 
 

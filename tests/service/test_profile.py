@@ -69,3 +69,44 @@ def test_out_of_range_inputs_are_flagged_counted_or_refused(iris_model) -> None:
     refused = reject.post("/predict", json={"features": far})
     assert refused.status_code == 400 and first["name"] in refused.get_json()["error"]
     assert reject.post("/predict", json={"features": inside}).status_code == 200
+
+
+def test_drift_bins_and_psi_match_their_definitions(tmp_path) -> None:
+    import numpy as np
+
+    from bnserve.service.drift import BINS, DriftWindow, bin_counts, psi
+    from bnserve.service.profile import Profile
+
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(5000, 2))
+    deciles = np.quantile(train, np.linspace(0.1, 0.9, 9), axis=0).T
+    values = np.concatenate([rng.normal(size=(900, 2)), np.full((100, 2), np.nan)])
+    values[:, 1] += 1.0  # the second input drifts
+    counts = bin_counts(values, deciles)
+    for j in range(2):
+        present = values[:, j][~np.isnan(values[:, j])]
+        expected = np.bincount(np.searchsorted(deciles[j], present, side="left"), minlength=BINS)
+        np.testing.assert_array_equal(counts[j], expected)
+    shares = counts / counts.sum(axis=1, keepdims=True)
+    manual = ((shares - 0.1) * np.log(np.maximum(shares, 1e-4) / 0.1)).sum(axis=1)
+    np.testing.assert_allclose(psi(counts), manual, rtol=1e-12)
+    assert psi(counts)[0] < 0.1 < 0.2 < psi(counts)[1]
+    # two workers sharing one window file see each other's counts
+    profile = Profile(("a", "b"), train.min(0), train.max(0), train.std(0), deciles, {})
+    first, second = (DriftWindow(profile, 600, tmp_path / "drift.bin") for _ in range(2))
+    first.observe(values[:500])
+    second.observe(values[500:])
+    first.flush()
+    np.testing.assert_array_equal(second.totals(), counts)
+    assert second.report()["inputs"][0]["name"] == "b"  # the shifted input first
+
+
+def test_drift_route_over_http(iris_model) -> None:
+    client = create_app({"model": str(iris_model[1])}).test_client()
+    rows = [[5.1, 3.5, 1.4, 0.2]] * 50
+    assert client.post("/predict", json={"instances": rows}).status_code == 200
+    report = client.get("/models/iris/drift").get_json()
+    assert report["model"] == "iris" and report["rows"] == 50
+    assert all(entry["shifted"] for entry in report["inputs"])  # one repeated row: all in 1 bin
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'bnserve_drift_psi{input="' in metrics
