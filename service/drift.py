@@ -28,17 +28,17 @@ SLOTS = 10  # the window in slots: its oldest tenth leaves at a time
 BINS = 10  # the training deciles cut every input into ten bins of 10%
 SIGNIFICANT = 0.2  # PSI above this: a significant shift (the customary threshold)
 FLUSH_SECONDS = 1.0
+MAX_BUFFERED = 8192  # rows kept unbinned at most between two flushes
 _SMOOTH = 1e-4  # an empty bin counts as this share, so ln() stays finite
 
 
 def bin_counts(values: np.ndarray, deciles: np.ndarray) -> np.ndarray:
     """`[F, BINS]` counts of `values` `[n, F]` by each input's training deciles (NaN skipped)."""
-    present = ~np.isnan(values)
+    features = values.shape[1]
     bins = (values[:, :, None] > deciles[None, :, :]).sum(axis=2)  # [n, F] in 0..9
-    counts = np.zeros((values.shape[1], BINS), dtype=np.int64)
-    rows, columns = np.nonzero(present)
-    np.add.at(counts, (columns, bins[rows, columns]), 1)
-    return counts
+    flat = bins + BINS * np.arange(features)  # one bincount for every input at once
+    flat = flat[~np.isnan(values)]
+    return np.bincount(flat, minlength=features * BINS).reshape(features, BINS).astype(np.int64)
 
 
 def psi(counts: np.ndarray) -> np.ndarray:
@@ -57,7 +57,8 @@ class DriftWindow:
         self.profile = profile
         self.slot_seconds = window_seconds / SLOTS
         self.path = path
-        self.pending = np.zeros((len(profile.names), BINS), dtype=np.int64)
+        self.rows: list[np.ndarray] = []  # requests' inputs not yet binned (binned per flush)
+        self.buffered = 0
         self.last_flush = time.monotonic()
         shape = (SLOTS, len(profile.names), BINS)
         if path is None:
@@ -77,26 +78,30 @@ class DriftWindow:
             self.counts = memory[SLOTS:].reshape(shape)
 
     def observe(self, x: np.ndarray | dict[str, np.ndarray]) -> None:
-        """Count a request's inputs; shared with the other workers at most once a second."""
+        """Keep a request's inputs; they are binned together and shared with the other workers
+        at most once a second (or every MAX_BUFFERED rows), so a request pays a list append."""
         if not self.profile.names:
             return
-        self.pending += bin_counts(numbers_of(x, self.profile), self.profile.deciles)
+        values = numbers_of(x, self.profile)
+        self.rows.append(values)
+        self.buffered += len(values)
         now = time.monotonic()
-        if now - self.last_flush >= FLUSH_SECONDS:
+        if now - self.last_flush >= FLUSH_SECONDS or self.buffered >= MAX_BUFFERED:
             self.flush()
             self.last_flush = now
 
     def flush(self) -> None:
-        if not self.pending.any():
+        if not self.rows:
             return
+        pending = bin_counts(np.concatenate(self.rows), self.profile.deciles)
+        self.rows, self.buffered = [], 0
         slot = int(time.time() // self.slot_seconds)
         with self._locked():
             index = slot % SLOTS
             if self.stamps[index] != slot:  # a slot from an older round of the window: reuse
                 self.counts[index] = 0
                 self.stamps[index] = slot
-            self.counts[index] += self.pending
-        self.pending[:] = 0
+            self.counts[index] += pending
 
     def totals(self) -> np.ndarray:
         """`[F, BINS]` counts of the slots still inside the window (after flushing our own)."""
