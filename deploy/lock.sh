@@ -3,7 +3,7 @@
 #
 #   bash deploy/lock.sh
 #
-#  constraints.txt       the base install plus the train, test and dask extras, CPython 3.11 on Linux
+#  constraints.txt       the base install plus the train, test, dask and otel extras, CPython 3.11 on Linux
 #                        x86_64: what CI (scripts/test.sh) and the images' build stage install
 #                        with `--constraint`. Versions only: torch's pin also matches a CPU-only
 #                        build (torch==2.13.0+cpu) found in a local wheel folder, whose hash is not
@@ -23,11 +23,11 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 common=(--quiet --no-header --python-platform x86_64-manylinux_2_28 --index-url https://pypi.org/simple)
 
-"$uv" pip compile pyproject.toml --extra train --extra test --extra dask --python-version 3.11 \
+"$uv" pip compile pyproject.toml --extra train --extra test --extra dask --extra otel --python-version 3.11 \
     "${common[@]}" --no-annotate -o "$tmp/constraints.txt"
 {
     echo "# Lock file of CI and the images' build stage (pip install --constraint constraints.txt):"
-    echo "# base + train + test + dask extras for CPython 3.11 on Linux x86_64, resolved by uv from pyproject.toml."
+    echo "# base + train + test + dask + otel extras for CPython 3.11 on Linux x86_64, resolved by uv from pyproject.toml."
     echo "# Regenerate with: bash deploy/lock.sh (it also writes the hashed locks/serve*.txt)."
     cat "$tmp/constraints.txt"
 } > constraints.txt

@@ -15,6 +15,7 @@ import orjson
 from flask import Flask
 from werkzeug.routing import Rule
 
+from bnserve.service import tracing
 from bnserve.service.api import ROUTES, open_paths
 from bnserve.service.auth import BearerAuth, read_tokens
 from bnserve.service.config import ServiceConfig
@@ -72,6 +73,8 @@ def create_app(
         registry, store = build_registry(config)
     metrics = get_metrics()
     registry.attach_metrics(metrics)
+    if tracing.ACTIVE is None:
+        tracing.ACTIVE = tracing.tracer_from_env()
     app = Flask("bnserve")
     app.extensions["bnserve.config"] = config
     app.extensions["bnserve.registry"] = registry
@@ -88,5 +91,6 @@ def create_app(
         auth=BearerAuth(tokens, open_paths(config.public_metrics)) if tokens is not None else None,
         store=store,
         openapi=orjson.dumps(openapi_document(registry, config)),
+        tracer=tracing.ACTIVE,
     )
     return app

@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 
 from bnserve.errors import BnserveError
+from bnserve.service import tracing
 from bnserve.service.api import FIXED_PATHS, ROUTES
 from bnserve.service.auth import BearerAuth
 from bnserve.service.body import TimedInput
@@ -116,6 +117,7 @@ class Gateway:
         auth: BearerAuth | None = None,
         store: Any = None,
         openapi: bytes = b"",
+        tracer: Any = None,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -124,6 +126,7 @@ class Gateway:
         self.auth = auth
         self.store = store
         self.openapi = openapi
+        self.tracer = tracer  # OpenTelemetry (service/tracing.py), when OTEL_* asks for it
         self._generation = store.generation_watch() if store is not None else None
         self._cooperative = gevent_patched()
         self._prefix = os.urandom(6).hex() + "-"
@@ -147,6 +150,11 @@ class Gateway:
             )
         if self.store is not None:
             self._watch()
+        span = None
+        if self.tracer is not None:
+            span = tracing.RequestSpan(
+                self.tracer, environ["REQUEST_METHOD"], environ.get("HTTP_TRACEPARENT")
+            )
         metrics = self.metrics
         if metrics is not None:
             metrics.in_flight.inc()
@@ -163,9 +171,12 @@ class Gateway:
                 metrics.in_flight.dec()
         headers.append((REQUEST_ID_HEADER, request_id))
         trace = trace_of(environ.get("HTTP_TRACEPARENT"))
-        if trace is not None:  # continue the caller's trace: its id, this request's span
-            span = self._prefix[:8] + format(next(self._count) & 0xFFFFFFFF, "08x")
-            headers.append(("traceparent", f"00-{trace[0]}-{span}-{trace[1]}"))
+        if span is not None:  # the exported span is this request's
+            span.end(route, environ["REQUEST_METHOD"], code)
+            headers.append(("traceparent", span.traceparent()))
+        elif trace is not None:  # continue the caller's trace: its id, this request's span
+            span_id = self._prefix[:8] + format(next(self._count) & 0xFFFFFFFF, "08x")
+            headers.append(("traceparent", f"00-{trace[0]}-{span_id}-{trace[1]}"))
         start_response(status_line(code), headers)
         seconds = time.perf_counter() - start
         status = code

@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from bnserve.errors import ModelError
+from bnserve.service import tracing
 from bnserve.service.columns import empty_feeds, unknown_categories
 from bnserve.service.config import DEVICES
 from bnserve.service.metadata import ModelInfo, load_info
@@ -194,6 +195,12 @@ class ModelRuntime:
         return self._timed(output_names, {self.info.input.name: x})
 
     def _timed(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if tracing.ACTIVE is not None:
+            with tracing.model_span(tracing.ACTIVE, self.name, self.version):
+                return self._observed(output_names, feeds)
+        return self._observed(output_names, feeds)
+
+    def _observed(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         if self.observe is None:
             return self.session.run(output_names, feeds)
         start = time.perf_counter()

@@ -126,3 +126,43 @@ def test_a_polled_repository_is_served_as_it_is(tmp_path) -> None:
         assert refused.status_code == 403  # poll serves the repository as it is
     finally:
         stop_server(live)
+
+
+def test_opentelemetry_spans_join_the_callers_trace(tmp_path, monkeypatch) -> None:
+    """With the otel extra: a server span per request, a child of the caller's traceparent, and
+    an onnxruntime.run span under it (exported here to memory instead of OTLP)."""
+    pytest.importorskip("opentelemetry.sdk", reason="the otel extra is not installed")
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from bnserve.service import tracing
+    from bnserve.service.app import create_app
+    from tests.service.support import build_mlp_classifier
+
+    exported = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    monkeypatch.setattr(tracing, "ACTIVE", provider.get_tracer("test"))
+    client = create_app({"model": str(build_mlp_classifier(tmp_path / "m.onnx"))}).test_client()
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    answer = client.post(
+        "/predict",
+        json={"features": [0.0] * N_FEATURES},
+        headers={"traceparent": f"00-{trace}-00f067aa0ba902b7-01"},
+    )
+    assert answer.status_code == 200
+    spans = {s.name: s for s in exported.get_finished_spans()}
+    server, run = spans["POST /predict"], spans["onnxruntime.run"]
+    assert f"{server.context.trace_id:032x}" == trace
+    assert f"{server.parent.span_id:016x}" == "00f067aa0ba902b7"
+    assert run.parent.span_id == server.context.span_id
+    assert server.attributes["http.response.status_code"] == 200
+    assert answer.headers["traceparent"] == f"00-{trace}-{server.context.span_id:016x}-01"
+
+
+def test_tracing_is_off_without_otel_variables() -> None:
+    from bnserve.service.tracing import tracer_from_env
+
+    assert tracer_from_env({}) is None
+    assert tracer_from_env({"OTEL_TRACES_EXPORTER": "none"}) is None
