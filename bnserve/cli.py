@@ -23,7 +23,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "fold": ("converter.cli", "fold_main", "fold BN in an ONNX model from another framework"),
     "inspect": ("converter.cli", "inspect_main", "show an ONNX model's graph and metadata"),
     "serve": ("service.cli", "serve_main", "serve an ONNX model over HTTP with gunicorn"),
-    "predict": ("service.cli", "predict_main", "score a CSV / npz file offline with a model"),
+    "predict": (
+        "service.cli",
+        "predict_main",
+        "score CSV / Parquet / npz files offline with a model (or on Dask)",
+    ),
     "up": ("up", "up_main", "train the default model if needed, convert it and serve it"),
 }
 

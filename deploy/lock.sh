@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerate the lock files from pyproject.toml with uv (`pip install uv`), then commit them:
 #
-#   bash deploy/lock.sh
+#   bash deploy/lock.sh             # keeps today's pins where pyproject.toml allows them
+#   UPGRADE=1 bash deploy/lock.sh   # every dependency at its newest allowed version
 #
 #  constraints.txt       the base install plus the train, test, dask and otel extras, CPython 3.11 on Linux
 #                        x86_64: what CI (scripts/test.sh) and the images' build stage install
@@ -22,6 +23,16 @@ ORT_GPU=${ORT_GPU:-onnxruntime-gpu==1.31.1}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 common=(--quiet --no-header --python-platform x86_64-manylinux_2_28 --index-url https://pypi.org/simple)
+# uv keeps the versions of an existing output file where pyproject.toml allows them, so the
+# current locks are the starting point: a new dependency does not move every other pin.
+# UPGRADE=1 resolves everything afresh.
+if [[ "${UPGRADE:-0}" == 1 ]]; then
+    common+=(--upgrade)
+else
+    grep -v '^#' constraints.txt > "$tmp/constraints.txt"
+    cp locks/serve.txt "$tmp/serve.txt"
+    cp locks/serve-cuda.txt "$tmp/serve-cuda.txt"
+fi
 
 "$uv" pip compile pyproject.toml --extra train --extra test --extra dask --extra otel --python-version 3.11 \
     "${common[@]}" --no-annotate -o "$tmp/constraints.txt"

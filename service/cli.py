@@ -19,7 +19,13 @@ from typing import Any
 
 from bnserve.errors import UsageError
 from bnserve.service.auth import read_tokens
-from bnserve.service.config import DEVICES, OUTPUT_KINDS, ServiceConfig
+from bnserve.service.config import (
+    DEFAULT_CHUNK_ROWS,
+    DEVICES,
+    OUTPUT_KINDS,
+    ServiceConfig,
+    default_workers,
+)
 from bnserve.service.logs import configure_logging
 from bnserve.service.metrics import prepare_dir
 from bnserve.service.options import SERVE_OPTIONS, build_parser, positive_int, resolve
@@ -128,20 +134,23 @@ def prepare_runtime(
 def predict_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bnserve predict",
-        description="Score a CSV or npz file or a bundled data set offline with the server's "
-        "model loading and output handling.",
+        description="Score a CSV, Parquet or npz file or a bundled data set offline with the "
+        "server's model loading and output handling, chunk by chunk (memory does not grow with "
+        "the file); with --dask, many files on a Dask cluster.",
     )
     p.add_argument("model", help="an .onnx file or a model repository")
     p.add_argument(
         "data",
-        help="a CSV (columns by feature name when the model has them), an .npz (X), or "
-        "sklearn:digits|iris|wine|breast_cancer (needs the 'train' extra)",
+        help="a CSV or a .parquet file (columns by feature name when the model has them), an "
+        ".npz (X), or sklearn:digits|iris|wine|breast_cancer (needs the 'train' extra); with "
+        "--dask, also a folder or a glob of CSV / Parquet files",
     )
     p.add_argument(
         "-o",
         "--out",
         required=True,
-        help="output CSV: label, class_index, p_<label>...; '-' writes it to standard output",
+        help="output: label, class_index, p_<label>...; Parquet for a .parquet name, else CSV; "
+        "'-' writes CSV to standard output; with --dask, a folder of one file per partition",
     )
     p.add_argument("--model-name", default=None, help="which model of a repository")
     p.add_argument(
@@ -149,39 +158,109 @@ def predict_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", choices=DEVICES, default="cpu")
     p.add_argument("--output-kind", choices=OUTPUT_KINDS, default="auto")
-    p.add_argument("--batch-size", type=positive_int, default=4096)
+    p.add_argument("--batch-size", type=positive_int, default=4096, help="rows per onnxruntime run")
+    p.add_argument(
+        "--chunk-rows",
+        type=positive_int,
+        default=DEFAULT_CHUNK_ROWS,
+        help=f"rows read, scored and written at a time (default {DEFAULT_CHUNK_ROWS}; about "
+        "that many for a CSV, cut at whole rows)",
+    )
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="onnxruntime intra-op threads and pyarrow's reader threads (default: every core "
+        "this process may use; with --dask: 1 per worker)",
+    )
+    p.add_argument(
+        "--dask",
+        metavar="SCHEDULER",
+        default=None,
+        help="score on a Dask cluster: a scheduler address (tcp://host:8786) or 'local' to "
+        "start worker processes here (needs the 'dask' extra)",
+    )
+    p.add_argument(
+        "--dask-workers",
+        type=positive_int,
+        default=None,
+        help="worker processes of --dask local (default: one per core)",
+    )
     return p
 
 
 def predict_main(argv: list[str]) -> int:
-    """`bnserve predict MODEL DATA -o OUT.csv`."""
+    """`bnserve predict MODEL DATA -o OUT`."""
     args = predict_parser().parse_args(argv)
-    # onnxruntime: never in the process that becomes the gunicorn master (`serve`)
-    from bnserve.service.offline import STDOUT, read_features, score, write_predictions
+    # onnxruntime and pyarrow: never in the process that becomes the gunicorn master (`serve`)
+    from bnserve.service.offline import STDOUT, predict
     from bnserve.service.runtime import ModelRuntime
 
-    repository = find_models(args.model, args.model_name)
-    if args.model_name is None and len(repository) > 1:
-        raise UsageError(
-            f"{args.model} has several models ({', '.join(repository)}): pass --model-name"
-        )
-    name = args.model_name or next(iter(repository))
+    path, name, version = _chosen_model(args.model, args.model_name, args.version)
+    if args.dask is not None:
+        return _predict_dask(args, path, name, version)
+    if args.dask_workers is not None:
+        raise UsageError("--dask-workers goes with --dask local")
+    threads = args.threads or default_workers()
+    import pyarrow  # its CPU pool parses the input: as many threads as onnxruntime's
+
+    pyarrow.set_cpu_count(threads)
+    runtime = ModelRuntime.load(path, name, version, args.device, threads, args.output_kind)
+    out = Path(args.out)
+    rows = predict(
+        runtime,
+        args.data,
+        out,
+        chunk_rows=args.chunk_rows,
+        threads=threads,
+        batch_size=args.batch_size,
+    )
+    # with -o - standard output holds the predictions alone
+    to_stdout = args.out == STDOUT
+    print(
+        f"bnserve predict: {rows} rows scored with {name} v{version} -> "
+        f"{'standard output' if to_stdout else out}",
+        file=sys.stderr if to_stdout else sys.stdout,
+    )
+    return 0
+
+
+def _chosen_model(model: str, model_name: str | None, version: int | None) -> tuple[Path, str, int]:
+    """The file of the model a `predict` command names: a file, or one of a repository."""
+    repository = find_models(model, model_name)
+    if model_name is None and len(repository) > 1:
+        raise UsageError(f"{model} has several models ({', '.join(repository)}): pass --model-name")
+    name = model_name or next(iter(repository))
     versions = repository[name]
-    version = args.version or default_version(versions)
+    version = version or default_version(versions)
     if version not in versions:
         raise UsageError(
             f"model {name!r} has no version {version} (versions: {', '.join(map(str, versions))})"
         )
-    runtime = ModelRuntime.load(versions[version], name, version, args.device, 1, args.output_kind)
-    x = read_features(args.data, runtime)
-    probabilities = score(runtime, x, args.batch_size)
-    out = Path(args.out)
-    write_predictions(out, runtime, probabilities)
-    # with -o - standard output holds the predictions alone
-    to_stdout = args.out == STDOUT
+    return Path(versions[version]), name, version
+
+
+def _predict_dask(args: argparse.Namespace, path: Path, name: str, version: int) -> int:
+    """`predict --dask`: every file of DATA on a Dask cluster, one output file per partition."""
+    from bnserve.service.batch import ModelRef, predict_dask
+
+    if args.out == "-":
+        raise UsageError("--dask writes a folder of files: -o - (standard output) is not possible")
+    if args.dask_workers is not None and args.dask != "local":
+        raise UsageError("--dask-workers goes with --dask local (a remote cluster has its own)")
+    model = ModelRef.of(path, name, version, args.device, args.output_kind, args.threads or 1)
+    result = predict_dask(
+        model,
+        args.data,
+        Path(args.out),
+        args.dask,
+        workers=args.dask_workers,
+        chunk_rows=args.chunk_rows,
+        batch_size=args.batch_size,
+    )
     print(
-        f"bnserve predict: {len(probabilities)} rows scored with {name} v{version} -> "
-        f"{'standard output' if to_stdout else out}",
-        file=sys.stderr if to_stdout else sys.stdout,
+        f"bnserve predict: {result.rows} rows of {result.files} file(s) scored with {name} "
+        f"v{version} on {result.workers} Dask worker(s) -> {result.out} "
+        f"({result.parts} part(s))"
     )
     return 0

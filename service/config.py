@@ -22,6 +22,8 @@ OUTPUT_KINDS = ("auto", "probabilities", "logits")
 WORKER_CLASSES = ("gevent", "sync", "gthread")
 # Triton's names: `none` refuses the repository load/unload routes, `explicit` serves them.
 MODEL_CONTROL_MODES = ("none", "explicit", "poll")
+#: Rows `bnserve predict` reads, scores and writes at a time (service/columnar.py).
+DEFAULT_CHUNK_ROWS = 65536
 
 _CGROUP_V2_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 _CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")

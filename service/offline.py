@@ -1,48 +1,104 @@
-"""Offline batch scoring (`bnserve predict`): read CSV, npz or a bundled data set, score, write a
-CSV atomically (or to standard output).
+"""Offline batch scoring (`bnserve predict`): read a CSV or Parquet file chunk by chunk (or an
+npz file or a bundled data set), score each chunk, and write CSV or Parquet atomically (or CSV to
+standard output).
 
 Same model loading and output handling as the server (`ModelRuntime.probabilities`), so a file
-scored offline gets the numbers the HTTP API would give.
+scored offline gets the numbers the HTTP API would give. One chunk at a time is read (by pyarrow,
+service/columnar.py), scored and written, so memory depends on the chunk size, not on the file's.
 """
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any
 
 import numpy as np
 
 from bnserve.atomic import atomic_path
-from bnserve.errors import BnserveError, DataError, UsageError, require_extra
-from bnserve.service.columns import RawColumn, text_cell
+from bnserve.errors import DataError, UsageError, require_extra
+from bnserve.service.columnar import (
+    DEFAULT_CHUNK_ROWS,
+    CsvLayout,
+    Features,
+    PredictionWriter,
+    Selection,
+    csv_chunks,
+    csv_layout,
+    is_parquet,
+    parquet_chunks,
+    parquet_file,
+    select_columns,
+)
+from bnserve.service.metadata import ModelInfo
 from bnserve.service.runtime import ModelRuntime
 
 #: `-o -` writes the predictions to standard output.
 STDOUT = "-"
 
 
-def read_features(source: str | Path, runtime: ModelRuntime) -> np.ndarray | dict[str, np.ndarray]:
-    """`[n, F]` float array from the sources `bnserve train` reads: a CSV (by feature name when
-    the model has names), an npz (`X`), or a bundled data set `sklearn:NAME` (its label is not
-    a feature); for a raw-column model, one array per column of a CSV (columns by name)."""
+def feature_chunks(
+    source: str | Path,
+    info: ModelInfo,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    threads: int = 1,
+    notices: bool = True,
+) -> Iterator[Features]:
+    """The model's features from the sources `bnserve train` reads, about `chunk_rows` rows at
+    a time: a CSV or a Parquet file (by feature name when the model has names; a raw-column
+    model's columns by name), an npz (`X`), or a bundled data set `sklearn:NAME` (its label is
+    not a feature). Columns the model does not read are named on standard error (`notices`)."""
     if isinstance(source, str) and source.startswith("sklearn:"):
-        return _read_bundled(source, runtime)
+        yield from _slices(_read_bundled(source, info), chunk_rows)
+        return
     path = Path(source)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
-    if runtime.info.columns is not None:
-        if path.suffix.lower() == ".npz":
-            raise DataError(f"{path}: this model reads raw table columns: give a CSV file")
-        return _read_raw_csv(path, runtime.info.columns)
     if path.suffix.lower() == ".npz":
-        return _read_npz(path, runtime.info.n_features)
-    return _read_csv(path, runtime)  # any other name is a CSV, as for `bnserve train`
+        if info.columns is not None:
+            raise DataError(
+                f"{path}: this model reads raw table columns: give a CSV or Parquet file"
+            )
+        yield from _slices(_read_npz(path, info.n_features), chunk_rows)
+        return
+    if is_parquet(path):
+        selection = select_columns(parquet_file(path).schema_arrow.names, info, path)
+        _notice(selection, notices)
+        yield from parquet_chunks(path, info, selection, chunk_rows, threads)
+        return
+    layout = csv_layout(path)  # any other name is a CSV, as for `bnserve train`
+    selection = csv_selection(layout, info)
+    _notice(selection, notices)
+    yield from csv_chunks(layout, info, selection, chunk_rows, threads)
 
 
-def _read_bundled(source: str, runtime: ModelRuntime) -> np.ndarray:
+def csv_selection(layout: CsvLayout, info: ModelInfo) -> Selection:
+    """The model's columns of a CSV: by name under a header; every column, in order, in a file
+    without one (a plain model's features only)."""
+    if layout.has_header or info.columns is not None:
+        return select_columns(layout.names, info, layout.path)
+    if len(layout.names) != info.n_features:
+        raise DataError(
+            f"{layout.path}: {len(layout.names)} columns, the model expects "
+            f"{info.n_features} features"
+        )
+    return Selection(list(range(info.n_features)), [])
+
+
+def _notice(selection: Selection, enabled: bool) -> None:
+    if enabled and selection.ignored:
+        print(f"bnserve predict: ignoring columns {', '.join(selection.ignored)}", file=sys.stderr)
+
+
+def _slices(x: np.ndarray, chunk_rows: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(x), chunk_rows):
+        yield x[start : start + chunk_rows]
+
+
+def _read_bundled(source: str, info: ModelInfo) -> np.ndarray:
     # The bundled sets are named and loaded in one place, the trainer's loader. It is imported
     # here, not at module level: the serving package imports neither bnserve.models nor
     # scikit-learn (docs/architecture.md), and only this data source needs them.
@@ -51,7 +107,9 @@ def _read_bundled(source: str, runtime: ModelRuntime) -> np.ndarray:
     if source.split(":", 1)[1] in BUNDLED:
         require_extra("sklearn", "train", f"predict {source}")
     x, _, names = load_raw(source, None)
-    return _finite(x[:, _feature_columns(names, runtime, source)], source)
+    if info.columns is not None:
+        raise DataError(f"{source}: this model reads raw table columns: give a CSV or Parquet file")
+    return _finite(x[:, select_columns(names, info, source).positions], source)
 
 
 def _read_npz(path: Path, n_features: int) -> np.ndarray:
@@ -74,101 +132,6 @@ def _read_npz(path: Path, n_features: int) -> np.ndarray:
     return _finite(x.astype(np.float64), path)
 
 
-def _feature_columns(header: list[str], runtime: ModelRuntime, source: str | Path) -> list[int]:
-    """The positions of the model's features among named columns: by name when the model has
-    names (other columns, such as a label, are ignored), else by position."""
-    n_features = runtime.info.n_features
-    names = runtime.info.feature_names
-    if names is not None and set(names) <= set(header):
-        extra = [h for h in header if h not in set(names)]
-        if extra:
-            print(f"bnserve predict: ignoring columns {', '.join(extra)}", file=sys.stderr)
-        return [header.index(n) for n in names]
-    if names is not None:
-        missing = [n for n in names if n not in header]
-        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-        raise DataError(
-            f"{source}: {len(missing)} of the model's feature columns are missing: {shown}"
-        )
-    if len(header) != n_features:
-        raise DataError(f"{source}: {len(header)} columns, the model expects {n_features} features")
-    return list(range(n_features))
-
-
-def _read_csv(path: Path, runtime: ModelRuntime) -> np.ndarray:
-    try:  # utf-8-sig: a spreadsheet's byte-order mark is not part of the first column's name
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            rows = [row for row in csv.reader(f) if row]
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"{path}: not a UTF-8 text CSV file ({exc})") from None
-    if not rows:
-        raise DataError(f"{path}: empty CSV file")
-    n_features = runtime.info.n_features
-    header_is_numbers = _all_numbers(rows[0])
-    if header_is_numbers:
-        columns = list(range(len(rows[0])))
-        if len(columns) != n_features:
-            raise DataError(
-                f"{path}: {len(columns)} columns, the model expects {n_features} features"
-            )
-        body, column_names = rows, [str(i) for i in columns]
-    else:
-        header = [h.strip() for h in rows[0]]
-        body = rows[1:]
-        columns = _feature_columns(header, runtime, path)
-        column_names = header
-    x = np.empty((len(body), n_features), dtype=np.float64)
-    for i, row in enumerate(body):
-        for j, column in enumerate(columns):
-            try:
-                x[i, j] = float(row[column])
-            except (ValueError, IndexError):
-                cell = row[column] if column < len(row) else "(missing)"
-                raise DataError(
-                    f"{path}: line {i + 1 + (not header_is_numbers)}, column "
-                    f"{column_names[column]!r}: {cell!r} is not a number"
-                ) from None
-    return _finite(x, path)
-
-
-def _read_raw_csv(path: Path, columns: tuple[RawColumn, ...]) -> dict[str, np.ndarray]:
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        rows = [row for row in csv.reader(f) if row]
-    if not rows:
-        raise DataError(f"{path}: empty CSV file")
-    header = [h.strip() for h in rows[0]]
-    missing = [c.name for c in columns if c.name not in header]
-    if missing:
-        raise DataError(f"{path}: the model's columns {missing} are missing (header: {header})")
-    extra = [h for h in header if h not in {c.name for c in columns}]
-    if extra:
-        print(f"bnserve predict: ignoring columns {', '.join(map(repr, extra))}", file=sys.stderr)
-    feeds = {}
-    errors = []
-    for column in columns:
-        j = header.index(column.name)
-        values = []
-        for i, row in enumerate(rows[1:]):
-            where = f"line {i + 2}, column {column.name!r}"
-            try:
-                values.append(text_cell(column, row[j] if j < len(row) else "", where))
-            except BnserveError as exc:
-                errors.append(str(exc))
-                break
-        feeds[column.name] = np.array(values, dtype=column.dtype).reshape(-1, 1)
-    if errors:
-        raise DataError(f"{path}: " + "; ".join(errors))
-    return feeds
-
-
-def _all_numbers(row: list[str]) -> bool:
-    try:
-        [float(cell) for cell in row]
-    except ValueError:
-        return False
-    return True
-
-
 def _finite(x: np.ndarray, path: str | Path) -> np.ndarray:
     if not np.isfinite(x).all():
         row = int(np.argwhere(~np.isfinite(x))[0][0])
@@ -176,9 +139,7 @@ def _finite(x: np.ndarray, path: str | Path) -> np.ndarray:
     return x
 
 
-def score(
-    runtime: ModelRuntime, x: np.ndarray | dict[str, np.ndarray], batch_size: int = 4096
-) -> np.ndarray:
+def score(runtime: ModelRuntime, x: Features, batch_size: int = 4096) -> np.ndarray:
     """Class probabilities for every row, in batches to bound memory."""
     n = len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
     if n == 0:
@@ -191,27 +152,95 @@ def score(
             else x[i : i + batch_size]
         )
         parts.append(runtime.probabilities(part))
-    return np.concatenate(parts)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
-def write_predictions(out: Path, runtime: ModelRuntime, probabilities: np.ndarray) -> None:
-    """Write label, class index and per-class probabilities; a temp file renamed into place, so
-    a reader never sees half a file and a failure leaves the old one. `-o -` writes to standard
-    output instead."""
+def check_output(out: Path) -> None:
+    """Refuse an output that cannot be written before any work is done."""
     if str(out) == STDOUT:
-        _write_csv(sys.stdout, runtime.labels, probabilities)
         return
     if out.is_dir():
         raise UsageError(f"-o {out}: is a directory, expected a file name")
     if not out.parent.is_dir():
         raise UsageError(f"-o {out}: directory {out.parent} does not exist")
-    with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
-        _write_csv(f, runtime.labels, probabilities)
 
 
-def _write_csv(f: TextIO, labels: Sequence[object], probabilities: np.ndarray) -> None:
-    writer = csv.writer(f)
-    writer.writerow(["label", "class_index", *(f"p_{label}" for label in labels)])
-    best = probabilities.argmax(axis=1) if len(probabilities) else []
-    for row, index in zip(probabilities, best, strict=True):
-        writer.writerow([labels[index], int(index), *(str(p) for p in row)])
+@contextlib.contextmanager
+def prediction_writer(out: Path, labels: Sequence[object]) -> Iterator[PredictionWriter]:
+    """A writer of predictions into `out`: CSV, or Parquet for a `.parquet` name, written to a
+    temporary file renamed into place when the block succeeds, so a reader never sees half a
+    file and a failure keeps the old one. `-o -` writes CSV to standard output as it goes."""
+    check_output(out)
+    if str(out) == STDOUT:
+        sys.stdout.flush()
+        stream = getattr(sys.stdout, "buffer", None)
+        if stream is None:  # a text-only stand-in for standard output
+            stream = _TextSink(sys.stdout)
+        with PredictionWriter(stream, labels, parquet=False) as writer:
+            yield writer
+        return
+    with (
+        atomic_path(out) as tmp,
+        open(tmp, "wb") as f,
+        PredictionWriter(f, labels, parquet=is_parquet(out)) as writer,
+    ):
+        yield writer
+
+
+class _TextSink:
+    """Bytes written to a text stream (UTF-8)."""
+
+    def __init__(self, text: Any) -> None:
+        self.text = text
+
+    def write(self, data: bytes | memoryview) -> int:
+        self.text.write(bytes(data).decode("utf-8"))
+        return len(data)
+
+    def flush(self) -> None:
+        self.text.flush()
+
+
+def predict(
+    runtime: ModelRuntime,
+    source: str | Path,
+    out: Path,
+    *,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    threads: int = 1,
+    batch_size: int = 4096,
+    progress: bool | None = None,
+) -> int:
+    """Score `source` into `out` chunk by chunk; returns the number of rows. `progress`
+    (default: when standard error is a terminal) shows rows/s on standard error."""
+    meter = _Progress(sys.stderr.isatty() if progress is None else progress)
+    chunks = feature_chunks(source, runtime.info, chunk_rows, threads)
+    with prediction_writer(out, runtime.labels) as writer:
+        for x in chunks:
+            writer.write(score(runtime, x, batch_size))
+            meter.show(writer.rows)
+    meter.done(writer.rows)
+    return writer.rows
+
+
+class _Progress:
+    """Rows and rows/s on standard error, at most twice a second."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.start = self.last = time.perf_counter()
+        self.shown = False
+
+    def show(self, rows: int, final: bool = False) -> None:
+        now = time.perf_counter()
+        if not self.enabled or (now - self.last < 0.5 and not final):
+            return
+        self.last = now
+        rate = rows / max(now - self.start, 1e-9)
+        print(f"\rbnserve predict: {rows:,} rows, {rate:,.0f} rows/s", end="", file=sys.stderr)
+        self.shown = True
+
+    def done(self, rows: int) -> None:
+        if self.shown:
+            self.show(rows, final=True)
+            print(file=sys.stderr)

@@ -286,7 +286,7 @@ def test_lock_file_pins_every_dependency():
     """Each dependency in pyproject.toml is pinned in constraints.txt (run deploy/lock.sh)."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     wanted = list(project["dependencies"])
-    for extra in ("train", "test", "dask", "otel"):
+    for extra in ("train", "test", "dask", "otel"):  # what scripts/test.sh installs
         wanted += project["optional-dependencies"].get(extra, [])
     pins = constraints()
     missing = sorted(

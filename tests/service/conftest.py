@@ -1,5 +1,6 @@
 """Fixtures for the service tests: small ONNX classifiers built with onnx.helper, a Triton-layout
-repository, and real `bnserve serve` processes (gunicorn, 2 workers) on free ports.
+repository, real `bnserve serve` processes (gunicorn, 2 workers) on free ports, and a small
+raw-column model trained and converted through the CLI.
 
 The servers are session-scoped (start-up loads onnxruntime in a probe and in every worker, a few
 seconds) and stopped by PID with SIGTERM at the end, which also checks a clean gunicorn shutdown.
@@ -7,11 +8,14 @@ seconds) and stopped by PID with SIGTERM at the end, which also checks a clean g
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from bnserve.cli import main
 from tests.service.support import (
     MAX_BATCH,
     MAX_BODY_BYTES,
@@ -94,3 +98,25 @@ def env_server(
     )
     yield live
     stop_server(live)
+
+
+@pytest.fixture(scope="session")
+def raw_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model trained on raw columns (a number with missing cells, a yes/no column, a category
+    with missing cells), converted: one graph input per column."""
+    root = tmp_path_factory.mktemp("raw")
+    rng = np.random.default_rng(8)
+    data = root / "train.csv"
+    with data.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["size", "flag", "color", "y"])
+        for i in range(300):
+            size = "" if i % 17 == 0 else f"{rng.normal(loc=i % 2 * 2):.3f}"
+            color = ["red", "blue", "green", ""][i % 4]
+            writer.writerow([size, ["yes", "no"][i % 3 == 0], color, ["a", "b"][i % 2]])
+    run = root / "run"
+    assert main(["train", str(data), "--label", "y", "--out", str(run), "--epochs", "3",
+                 "--hidden", "8", "--quiet"]) == 0  # fmt: skip
+    model = root / "raw.onnx"
+    assert main(["convert", str(run / "checkpoint.npz"), "-o", str(model), "-q"]) == 0
+    return model

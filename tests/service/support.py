@@ -1,8 +1,9 @@
-"""Helpers for the service tests: small ONNX classifiers built with onnx.helper, and
-starting / stopping a real `bnserve serve` process."""
+"""Helpers for the service tests: small ONNX classifiers built with onnx.helper, starting /
+stopping a real `bnserve serve` process, and reading `bnserve predict`'s output files."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pyarrow.parquet as pq
 import requests
 from onnx import TensorProto, helper, numpy_helper
 
@@ -121,6 +123,24 @@ def reference_run(path: Path, x: np.ndarray, output: str | None = None) -> np.nd
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = output or session.get_outputs()[0].name
     return session.run([name], {session.get_inputs()[0].name: x.astype(np.float32)})[0]
+
+
+def read_predictions(path: Path) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """Header, labels, class indices and probabilities of a CSV or Parquet output."""
+    if path.suffix == ".parquet":
+        table = pq.read_table(path)
+        probs = np.column_stack([table.column(i).to_numpy() for i in range(2, table.num_columns)])
+        return (
+            table.column_names,
+            table.column("label").to_pylist(),
+            table.column("class_index").to_numpy(),
+            probs.reshape(table.num_rows, -1).astype(np.float32),
+        )
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    probs = np.array([[float(v) for v in r[2:]] for r in rows[1:]], dtype=np.float32)
+    index = np.array([int(r[1]) for r in rows[1:]], dtype=np.int64)
+    return rows[0], [r[0] for r in rows[1:]], index, probs.reshape(len(rows) - 1, -1)
 
 
 def file_sha256(path: Path) -> str:
