@@ -288,11 +288,11 @@ def _load_table(
     if label_col is not None:
         labels = column_text(columns[label_col], "")
         # empty or NaN is how spreadsheets and pandas write a missing value, not a class
-        missing = [
-            r + 2
-            for r, text in enumerate(labels)
-            if not text or text.lower() == "nan" or text in options.missing_values
-        ]
+        # decided on the distinct texts: a million labels hold a handful of them
+        absent = {
+            t for t in set(labels) if not t or t.lower() == "nan" or t in options.missing_values
+        }
+        missing = [r + 2 for r, text in enumerate(labels) if text in absent] if absent else []
         if missing:
             shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
             where = f"row {shown}" if len(missing) == 1 else f"{len(missing)} rows ({shown})"

@@ -335,8 +335,17 @@ def identifier_like(name: str, cells: Any, missing_values: tuple[str, ...]) -> s
         text = _as_text(cells)
         if len(set(text)) == len(text) and not any(c in missing_values for c in text):
             return "its name says it identifies rows and every value is different"
+    if len(cells) < ID_MIN_ROWS:
+        return None
+    if (
+        isinstance(cells, np.ndarray)
+        and not (  # the first steps decide most columns at once
+            np.all(np.abs(np.diff(cells[:8])) == 1) and np.all(cells[:8] == np.round(cells[:8]))
+        )
+    ):
+        return None
     values = numbers(cells, missing_values)
-    if len(cells) < ID_MIN_ROWS or values is None:
+    if values is None:
         return None
     if not np.isfinite(values).all() or not np.all(values == np.round(values)):
         return None
