@@ -9,6 +9,7 @@ import json
 import sys
 
 from bnserve.converter import export, verify
+from bnserve.errors import UsageError
 
 
 def _convert_parser() -> argparse.ArgumentParser:
@@ -17,7 +18,11 @@ def _convert_parser() -> argparse.ArgumentParser:
         description="Fold BN and the input standardization into the linear layers of a checkpoint, "
         "export ONNX, and write it only after it matches the float64 reference.",
     )
-    p.add_argument("checkpoint", help="checkpoint .npz written by bnserve train")
+    p.add_argument(
+        "checkpoint",
+        help="checkpoint .npz written by bnserve train, or an ensemble: the ensemble.json of "
+        "bnserve train --ensemble K (or its folder), written as one graph",
+    )
     p.add_argument("-o", "--output", required=True, help="ONNX file to write")
     p.add_argument(
         "--opset",
@@ -42,6 +47,14 @@ def _convert_parser() -> argparse.ArgumentParser:
         help=f"parity tolerance on probabilities (default {verify.DEFAULT_ATOL:g})",
     )
     p.add_argument("--logits", action="store_true", help="add a second output 'logits'")
+    p.add_argument(
+        "--layout",
+        choices=export.ENSEMBLE_LAYOUTS,
+        default=export.DEFAULT_LAYOUT,
+        help="ensemble only: the members' layers after the first as one batched MatMul over "
+        "[K, batch, width] or as block-diagonal Gemm weights (default "
+        f"{export.DEFAULT_LAYOUT}, the faster here)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     return p
 
@@ -49,22 +62,33 @@ def _convert_parser() -> argparse.ArgumentParser:
 def convert_main(argv: list[str]) -> int:
     args = _convert_parser().parse_args(argv)
     from bnserve.converter.convert import convert_checkpoint
+    from bnserve.models.ensemble import is_ensemble
 
     def warn(msg: str) -> None:
         print(f"bnserve convert: warning: {msg}", file=sys.stderr)
 
-    result = convert_checkpoint(
-        args.checkpoint,
-        args.output,
-        opset=args.opset,
-        fold=not args.no_fold,
-        stats=args.stats,
-        atol=args.atol,
-        logits=args.logits,
-        warn=warn,
-    )
+    common = {"opset": args.opset, "fold": not args.no_fold, "stats": args.stats}
+    if is_ensemble(args.checkpoint):
+        from bnserve.converter.ensemble import convert_ensemble
+
+        if args.logits:
+            raise UsageError(
+                "an ensemble averages its members' probabilities; it has no logits to output "
+                "(drop --logits)"
+            )
+        result = convert_ensemble(
+            args.checkpoint, args.output, **common, atol=args.atol, layout=args.layout, warn=warn
+        )
+    else:
+        result = convert_checkpoint(
+            args.checkpoint, args.output, **common, atol=args.atol, logits=args.logits, warn=warn
+        )
     if not args.quiet:
-        from bnserve.converter.inspect import describe_allowance, describe_standardization
+        from bnserve.converter.inspect import (
+            describe_allowance,
+            describe_ensemble,
+            describe_standardization,
+        )
 
         pr = result.parity_report
         ops = ", ".join(f"{op} x{n}" for op, n in result.op_counts.items())
@@ -77,6 +101,9 @@ def convert_main(argv: list[str]) -> int:
             f"argmax agreement {pr['argmax_agreement'] * 100:.2f}%\n"
             f"allowed {describe_allowance(pr)}"
         )
+        ensemble = result.fold_report.get("ensemble")
+        if ensemble:
+            print(describe_ensemble(ensemble))
     return 0
 
 

@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import onnx
@@ -35,6 +35,7 @@ from bnserve.errors import ModelError, ParityError, UsageError
 from bnserve.models.checkpoint import Checkpoint, file_sha256, load_checkpoint
 from bnserve.models.layers import softmax
 from bnserve.models.network import logits_eval
+from bnserve.models.tabular import Preprocessor
 
 LOGITS_SUMMARY = (
     "max_abs_diff",
@@ -94,7 +95,7 @@ def check_options(opset: int, atol: float) -> None:
         raise UsageError(f"--atol must be a finite number >= 0, got {atol}")
 
 
-def _reference(ckpt: Checkpoint, X: np.ndarray, stats: str) -> tuple[np.ndarray, np.ndarray]:
+def float64_reference(ckpt: Checkpoint, X: np.ndarray, stats: str) -> tuple[np.ndarray, np.ndarray]:
     """float64 logits and probabilities of the UNFOLDED checkpoint network (models/ computes them,
     independently of the fold arithmetic under test)."""
     params64 = {k: np.asarray(v, dtype=np.float64) for k, v in ckpt.params.items()}
@@ -102,7 +103,7 @@ def _reference(ckpt: Checkpoint, X: np.ndarray, stats: str) -> tuple[np.ndarray,
     return logits_eval(ckpt.spec, params64, X64, stats), ckpt.predict_proba(X64, stats)
 
 
-def _float32_overflow(folded: FoldedMLP) -> tuple[str, np.ndarray] | None:
+def float32_overflow(folded: FoldedMLP) -> tuple[str, np.ndarray] | None:
     """The first folded array that does not fit in float32, by name, or None."""
     for la in folded.layers:
         for key, arr in (("W", la.W), ("b", la.b)):
@@ -113,8 +114,8 @@ def _float32_overflow(folded: FoldedMLP) -> tuple[str, np.ndarray] | None:
     return None
 
 
-def _check_float32_finite(folded: FoldedMLP) -> None:
-    bad = _float32_overflow(folded)
+def check_float32_finite(folded: FoldedMLP) -> None:
+    bad = float32_overflow(folded)
     if bad is not None:
         name, arr = bad
         raise ModelError(
@@ -126,12 +127,17 @@ def _check_float32_finite(folded: FoldedMLP) -> None:
 def _folded_float32_error(
     folded: FoldedMLP | None, X: np.ndarray, ref_probs: np.ndarray, opset: int
 ) -> float:
-    """The candidate's probabilities in onnxruntime (float32, both optimization levels, as the
-    gate runs the written file) against the float64 reference: the largest absolute error, inf
-    for a candidate that does not exist or does not fit in float32."""
-    if folded is None or _float32_overflow(folded) is not None:
+    """The candidate's float32 error in onnxruntime (`model_float32_error`), inf for a candidate
+    that does not exist or does not fit in float32."""
+    if folded is None or float32_overflow(folded) is not None:
         return math.inf
-    data = export.serialize(export.build_folded_model(folded, opset=opset))
+    return model_float32_error(export.build_folded_model(folded, opset=opset), X, ref_probs)
+
+
+def model_float32_error(model: onnx.ModelProto, X: np.ndarray, ref_probs: np.ndarray) -> float:
+    """A candidate graph's probabilities in onnxruntime (float32, both optimization levels, as the
+    gate runs the written file) against the float64 reference: the largest absolute error."""
+    data = export.serialize(model)
     return max(
         verify.max_abs_error(verify.run_model(data, X, level)[export.PROBABILITIES], ref_probs)[0]
         for level in verify.LEVELS
@@ -146,22 +152,40 @@ def choose_fold(
     net: FrozenMLP, X: np.ndarray, ref_probs: np.ndarray, unfolded_error: float, opset: int
 ) -> FoldedMLP:
     """The full fold, or the fold that keeps the input centred, decided by measurement on the
-    gate's probes `X` against the float64 reference probabilities.
+    gate's probes `X` against the float64 reference probabilities (`pick_centring`).
 
     A full fold moves mean/std into the first bias, where a feature whose |mean| is far above its
-    std (years, kelvin, timestamps) makes float32 cancel a large `x @ W'` against a large `b'`.
+    std (years, kelvin, timestamps) makes float32 cancel a large `x @ W'` against a large `b'`."""
+    try:
+        centred: FoldedMLP | None = fold_mlp(net, centred=True)
+    except ValueError:  # a mean beyond float32's range: nothing to centre with
+        centred = None
+    return pick_centring(
+        fold_mlp(net),
+        centred,
+        lambda f: _folded_float32_error(f, X, ref_probs, opset),
+        unfolded_error,
+    )
+
+
+Candidate = TypeVar("Candidate")
+
+
+def pick_centring(
+    full: Candidate,
+    centred: Candidate | None,
+    float32_error: Callable[[Candidate | None], float],
+    unfolded_error: float,
+) -> Candidate:
+    """The full fold or the centred one (each with a `report` dict), by their float32 errors.
+
     The full fold is kept if its float32 error is at most max(min(CENTRING_FACTOR x the unfolded
     float32 error, verify.NOISE_FACTOR x the centred float32 error), CENTRING_MIN_ERROR), so
     never above max(CENTRING_FACTOR x the unfolded float32 error, CENTRING_MIN_ERROR); otherwise
     the centred fold, unless it does no better. The fold report's `standardization` entry
     records the choice, why, and the errors."""
-    full = fold_mlp(net)
-    try:
-        centred: FoldedMLP | None = fold_mlp(net, centred=True)
-    except ValueError:  # a mean beyond float32's range: nothing to centre with
-        centred = None
-    full_error = _folded_float32_error(full, X, ref_probs, opset)
-    centred_error = _folded_float32_error(centred, X, ref_probs, opset)
+    full_error = float32_error(full)
+    centred_error = float32_error(centred)
     factor = verify.NOISE_FACTOR
     bound = max(min(CENTRING_FACTOR * unfolded_error, factor * centred_error), CENTRING_MIN_ERROR)
     allowed = (
@@ -188,7 +212,7 @@ def choose_fold(
     return chosen
 
 
-def _unfolded_numpy_float32(
+def unfolded_numpy_float32(
     ckpt: Checkpoint, X: np.ndarray, stats: str
 ) -> tuple[np.ndarray, np.ndarray]:
     # The trainer's own forward pass with float32 parameters: one more float32 sample.
@@ -198,17 +222,28 @@ def _unfolded_numpy_float32(
     return logits.astype(np.float64), softmax(logits)  # softmax in float32, as predict_proba
 
 
-def _einsum_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def einsum_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     # Plain summation order (no BLAS): a second, independent sample of float32 rounding.
     return np.einsum("ij,jk->ik", a, b, optimize=False)
 
 
-def _check_fold_float64(folded: FoldedMLP, X: np.ndarray, ref_probs: np.ndarray) -> float:
+def check_fold_float64(folded: FoldedMLP, X: np.ndarray, ref_probs: np.ndarray) -> float:
     """The fold must be exact up to float64 rounding; otherwise it is a bug, whatever float32 does."""
-    err, row = verify.max_abs_error(folded_probabilities(folded, X), ref_probs)
+    return check_float64(
+        folded_probabilities(folded, X),
+        X,
+        ref_probs,
+        "the folded network differs from the unfolded one",
+    )
+
+
+def check_float64(probs: np.ndarray, X: np.ndarray, ref_probs: np.ndarray, what: str) -> float:
+    """ParityError saying `what` unless `probs` (a rewritten network's, evaluated in float64) match
+    the reference within verify.FOLD_FLOAT64_TOLERANCE; returns the largest difference."""
+    err, row = verify.max_abs_error(probs, ref_probs)
     if not err <= verify.FOLD_FLOAT64_TOLERANCE:
         raise ParityError(
-            f"parity gate failed: the folded network differs from the unfolded one in float64 by "
+            f"parity gate failed: {what} in float64 by "
             f"{err:.3g} (allowed {verify.FOLD_FLOAT64_TOLERANCE:.0e}) at probe row {row}; "
             f"input row = {verify.format_row(X[row])}"
         )
@@ -244,9 +279,9 @@ def checkpoint_reference(
     The noise floor's float32 evaluations: the unfolded graph in onnxruntime, the trainer's own
     forward pass in float32 and, for a folded model, the folded weights in float32 with two
     summation orders (`add_folded_runs`)."""
-    ref_logits, ref_probs = _reference(ckpt, X, stats)
+    ref_logits, ref_probs = float64_reference(ckpt, X, stats)
     onnxruntime32 = verify.run_model(export.serialize(unfolded), X)
-    numpy_logits, numpy_probs = _unfolded_numpy_float32(ckpt, X, stats)
+    numpy_logits, numpy_probs = unfolded_numpy_float32(ckpt, X, stats)
     reference = verify.Reference(
         _outputs(ref_probs, ref_logits, logits),
         [onnxruntime32, _outputs(numpy_probs, numpy_logits, logits)],
@@ -272,12 +307,12 @@ def add_folded_runs(
     cancels against x @ W); those are admissible only after the fold itself passed its float64
     check."""
     ref_probs = reference.outputs[export.PROBABILITIES]
-    reference.fold_check["fold_float64_max_abs_diff"] = _check_fold_float64(folded, X, ref_probs)
+    reference.fold_check["fold_float64_max_abs_diff"] = check_fold_float64(folded, X, ref_probs)
     if logits:
         reference.fold_check["fold_float64_logits_max_rel_diff"] = _check_logits_fold_float64(
             folded, X, reference.outputs[export.LOGITS]
         )
-    for mm in (np.matmul, _einsum_matmul):
+    for mm in (np.matmul, einsum_matmul):
         reference.float32_runs.append(
             _outputs(
                 folded_probabilities(folded, X, np.float32, mm),
@@ -311,6 +346,55 @@ def _remove_created(created: list[Path]) -> None:
             break
 
 
+def _write_verified(
+    model: onnx.ModelProto,
+    metadata: dict[str, str],
+    output_path: Path,
+    feeds: verify.Feeds,
+    reference: verify.Reference,
+    atol: float,
+    logits: bool = False,
+) -> dict[str, Any]:
+    """Write `model` to a temporary file next to `output_path`, run the parity gate on that file,
+    add its report to the metadata and rename the file into place; returns the parity report.
+    On any failure (ParityError when the gate fails) nothing is left behind, not even the
+    folders created for it."""
+    created = _make_parents(output_path.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(
+            dir=output_path.parent, prefix=f".{output_path.name}.", suffix=".tmp"
+        )
+    except OSError as e:  # e.g. permission denied: the user's to fix, not a traceback
+        _remove_created(created)
+        raise UsageError(f"{output_path}: cannot write the output ({e.strerror or e})") from e
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(export.serialize(model))
+        # The gate runs the file actually written, at both optimization levels.
+        result = verify.parity_gate(tmp, feeds, reference, atol)
+        if not result.passed:
+            raise ParityError(result.message)
+        parity = result.report
+        if logits:  # the summary `inspect` and older readers show for the logits
+            entry = parity["outputs"][export.LOGITS]
+            parity["logits"] = {key: entry[key] for key in LOGITS_SUMMARY}
+        metadata["bnserve.parity_report"] = export.to_json(parity)
+        export.set_metadata(model, metadata)
+        tmp.write_bytes(export.serialize(model))
+        # mkstemp creates the file 0600; a model is meant to be read by the service (often another
+        # user in a container), so give it the permissions a plain open() would have.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, output_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        _remove_created(created)
+        raise
+    return parity
+
+
 def convert_checkpoint(
     checkpoint_path: str | os.PathLike[str],
     output_path: str | os.PathLike[str],
@@ -333,37 +417,21 @@ def convert_checkpoint(
         preprocess.check_opset(pre, opset)
 
     unfolded = export.build_unfolded_model(net, opset=opset, logits=logits)
-    X = verify.make_probes(net.input_mean, net.input_std)
-    feeds = None
-    if pre is not None:  # probes of the raw columns (missing cells, unseen categories included)
-        feeds = preprocess.raw_probes(pre, net.input_mean, net.input_std, len(X), verify.PROBE_SEED)
-        # the network's input for them; the graphs are measured on it before the preprocessing
-        # nodes are put in front, and the gate runs the written file on `feeds`
-        X = preprocess.encode_probes(pre, feeds).astype(np.float32)
+    X, feeds = gate_probes(pre, net.input_mean, net.input_std)
     reference = checkpoint_reference(ckpt, unfolded, None, X, chosen, logits)
-    folded: FoldedMLP | None = None
     if fold:
         baseline = verify.max_abs_error(
             reference.float32_runs[0][export.PROBABILITIES],
             reference.outputs[export.PROBABILITIES],
         )[0]
         folded = choose_fold(net, X, reference.outputs[export.PROBABILITIES], baseline, opset)
-        _check_float32_finite(folded)
+        check_float32_finite(folded)
         add_folded_runs(reference, folded, X, logits)
         report = folded.report
         model = export.build_folded_model(folded, opset=opset, logits=logits)
     else:
         report = unfolded_report(net)
         model = unfolded
-    if pre is not None:  # raw columns in, the training's preprocessing inside the graph
-        preprocess.with_preprocessing(unfolded, pre, export.INPUT_NAME)
-        if model is not unfolded:
-            preprocess.with_preprocessing(model, pre, export.INPUT_NAME)
-    warnings = list(report["warnings"])
-    for w in warnings:
-        if warn is not None:
-            warn(w)
-
     metadata = export.conversion_metadata(
         labels=ckpt.class_names,
         feature_names=ckpt.feature_names,
@@ -373,52 +441,78 @@ def convert_checkpoint(
         source_sha256=file_sha256(checkpoint_path),
         data_fingerprint=ckpt.data_fingerprint,
     )
-    if pre is not None:
-        metadata["bnserve.preprocessing"] = export.to_json(pre.to_json())
     if ckpt.profile:  # the training inputs' statistics the folded graph no longer holds
         metadata["bnserve.profile"] = export.to_json(ckpt.profile)
+    return finish_conversion(
+        model,
+        output_path,
+        metadata,
+        report,
+        Verification(X if feeds is None else feeds, reference, atol, logits),
+        pre=pre,
+        fold=fold,
+        opset=opset,
+        warn=warn,
+    )
+
+
+def gate_probes(
+    pre: Preprocessor | None, mean: np.ndarray, std: np.ndarray
+) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
+    """The parity gate's probes around the standardization `mean`, `std`: the network's input
+    `[n, F]` float32 and, for a raw-column model, the raw columns the written file is run on
+    (missing cells and unseen categories included; else None). The candidate graphs are
+    measured on the network's input, before the preprocessing nodes are put in front."""
+    X = verify.make_probes(mean, std)
+    if pre is None:
+        return X, None
+    feeds = preprocess.raw_probes(pre, mean, std, len(X), verify.PROBE_SEED)
+    return preprocess.encode_probes(pre, feeds).astype(np.float32), feeds
+
+
+@dataclass
+class Verification:
+    """What the parity gate runs the written file on and judges it against."""
+
+    feeds: verify.Feeds
+    reference: verify.Reference
+    atol: float
+    logits: bool = False
+
+
+def finish_conversion(
+    model: onnx.ModelProto,
+    output_path: Path,
+    metadata: dict[str, str],
+    report: dict[str, Any],
+    gate: Verification,
+    *,
+    pre: Preprocessor | None,
+    fold: bool,
+    opset: int,
+    warn: Callable[[str], None] | None,
+) -> ConversionResult:
+    """The common end of `convert`: the raw-column preprocessing put in front of the network, the
+    fold report's warnings passed to `warn`, the metadata set, onnx's full check, the gate on the
+    written file (`_write_verified`), and the result."""
+    if pre is not None:  # raw columns in, the training's preprocessing inside the graph
+        preprocess.with_preprocessing(model, pre, export.INPUT_NAME)
+        metadata["bnserve.preprocessing"] = export.to_json(pre.to_json())
+    warnings = list(report["warnings"])
+    for w in warnings:
+        if warn is not None:
+            warn(w)
     export.set_metadata(model, metadata)
     export.check_model(model)
-
-    created = _make_parents(output_path.parent)
-    try:
-        fd, tmp_name = tempfile.mkstemp(
-            dir=output_path.parent, prefix=f".{output_path.name}.", suffix=".tmp"
-        )
-    except OSError as e:  # e.g. permission denied: the user's to fix, not a traceback
-        _remove_created(created)
-        raise UsageError(f"{output_path}: cannot write the output ({e.strerror or e})") from e
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(export.serialize(model))
-        # The gate runs the file actually written, at both optimization levels.
-        result = verify.parity_gate(tmp, X if feeds is None else feeds, reference, atol)
-        if not result.passed:
-            raise ParityError(result.message)
-        parity = result.report
-        if logits:  # the summary `inspect` and older readers show for the logits
-            entry = parity["outputs"][export.LOGITS]
-            parity["logits"] = {key: entry[key] for key in LOGITS_SUMMARY}
-        metadata["bnserve.parity_report"] = export.to_json(parity)
-        export.set_metadata(model, metadata)
-        tmp.write_bytes(export.serialize(model))
-        # mkstemp creates the file 0600; a model is meant to be read by the service (often another
-        # user in a container), so give it the permissions a plain open() would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, output_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        _remove_created(created)
-        raise
+    parity = _write_verified(
+        model, metadata, output_path, gate.feeds, gate.reference, gate.atol, gate.logits
+    )
     ops = Counter(node.op_type for node in model.graph.node)
     return ConversionResult(
         path=output_path,
         folded=fold,
         opset=opset,
-        stats=chosen,
+        stats=metadata["bnserve.stats"],
         fold_report=report,
         parity_report=parity,
         op_counts=dict(sorted(ops.items())),

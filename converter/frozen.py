@@ -113,7 +113,7 @@ def bn_record(layer: str, placement: str, bn: FrozenBN, folded_into: str | None)
     }
 
 
-def fold_mlp(net: FrozenMLP, *, centred: bool = False) -> FoldedMLP:
+def fold_mlp(net: FrozenMLP, *, centred: bool = False, center: Array | None = None) -> FoldedMLP:
     """Fold the standardization and every BN into the dense layers (float64 throughout).
 
     "before": BN folds into its own (preceding) linear layer. "after": BN sits behind the
@@ -125,6 +125,10 @@ def fold_mlp(net: FrozenMLP, *, centred: bool = False) -> FoldedMLP:
     at most 2**-24 of them) into the first layer. A float32 graph then subtracts the means while
     the input is still exact, instead of cancelling a large `x @ W'` against a large bias `b'`
     (docs/folding.md). ValueError if a mean does not fit in float32.
+
+    `center` (with `centred`): the float32 values to subtract instead of this network's own means
+    rounded to float32 (an ensemble subtracts one centre for all its members: each member's own
+    means minus that centre fold into its first bias in float64).
     """
     n = len(net.hidden)
     names = [f"hidden.{i}" for i in range(n)] + ["output"]
@@ -164,10 +168,14 @@ def fold_mlp(net: FrozenMLP, *, centred: bool = False) -> FoldedMLP:
 
     # The standardization acts on the raw input, i.e. before the first layer's W, whatever the
     # BN placement: W0 (with BN "before" already folded into its columns) gets its rows scaled.
-    center: Array | None = None
     folded_mean = net.input_mean
-    if centred:
+    if centred and center is None:
         center, folded_mean = fold.split_float32(net.input_mean)
+    elif centred:
+        center = np.array(center, dtype=np.float64)
+        folded_mean = net.input_mean - center
+    else:
+        center = None
     Ws[0], bs[0] = fold.fold_standardization_into_first_linear(
         Ws[0], bs[0], folded_mean, net.input_std
     )

@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError
 from bnserve.errors import ModelError
 
 JSON_KEYS = (
+    "bnserve.ensemble",
     "bnserve.labels",
     "bnserve.feature_names",
     "bnserve.fold_report",
@@ -129,6 +130,12 @@ def describe_standardization(std: dict[str, Any]) -> str:
     return f"{line}; {std['decision']}" if std.get("decision") else line
 
 
+def describe_ensemble(ensemble: dict[str, Any]) -> str:
+    """An ensemble fold report's summary: members, layout, how their outputs combine."""
+    layout = f", {ensemble['layout']} layout" if ensemble.get("layout") else ""
+    return f"ensemble of {ensemble.get('members')} members{layout}: {ensemble.get('combine')}"
+
+
 def describe_allowance(report: dict[str, Any]) -> str:
     """The gate's allowance for one output and what it is made of: `X = atol A (...)` or
     `X = 4 x float32 noise floor F, set by RUN (float32 runs: ...)`. Reports written before the
@@ -180,6 +187,23 @@ def _foreign_fold_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _ensemble_lines(ensemble: dict[str, Any]) -> list[str]:
+    """The `bnserve.ensemble` metadata: how many members, bagged or not, and each member."""
+    members = ensemble.get("members") or []
+    bagging = "bagging" if ensemble.get("bagging") else "no bagging"
+    lines = [
+        f"  ensemble: {ensemble.get('size')} members ({bagging}), {ensemble.get('layout')} layout"
+    ]
+    for m in members:
+        if isinstance(m, dict):
+            sha = str(m.get("checkpoint_sha256", ""))[:12]
+            lines.append(
+                f"    member {m.get('index')}: seed {m.get('seed')}, {m.get('stats')} statistics, "
+                f"checkpoint sha256 {sha}..."
+            )
+    return lines
+
+
 def _fold_lines(report: Any) -> list[str]:
     if not isinstance(report, dict):
         return [f"  fold report: {report}"]
@@ -189,6 +213,8 @@ def _fold_lines(report: Any) -> list[str]:
         f"  fold report: {'folded' if report.get('folded') else 'not folded (--no-fold)'}, "
         f"BN placement {report.get('placement')}, activation {report.get('activation')}"
     ]
+    if isinstance(report.get("ensemble"), dict):
+        lines.append(f"    {describe_ensemble(report['ensemble'])}")
     std = report.get("standardization") or {}
     if std:
         lines.append(f"    {describe_standardization(std)}")
@@ -291,6 +317,8 @@ def format_description(desc: dict[str, Any], title: str = "") -> str:
                     else str(v)
                 )
                 lines.append(f"  {key}: {shown}")
+        if isinstance(b.get("ensemble"), dict):
+            lines += _ensemble_lines(b["ensemble"])
         if "fold_report" in b:
             lines += _fold_lines(b["fold_report"])
         if "parity_report" in b:

@@ -32,7 +32,7 @@ class _Parser(argparse.ArgumentParser):
 TRAIN_OPTIONS = (
     "hidden", "activation", "bn", "optimizer", "lr", "beta1", "beta2", "momentum", "weight_decay",
     "lr_schedule", "lr_decay", "batch_size", "epochs", "dropout", "bn_momentum", "bn_eps",
-    "population_stats",
+    "population_stats", "bagging",
 )  # fmt: skip
 
 
@@ -67,6 +67,18 @@ def train_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=65536,
         help="rows per chunk with --stream (default 65536; the shuffle buffer holds 4 chunks)",
+    )
+    p.add_argument(
+        "--ensemble",
+        type=_positive_int,
+        metavar="K",
+        help="train K members with seeds derived from --seed on the same split, into "
+        "OUT/member-0 ... and OUT/ensemble.json (bnserve convert OUT makes one ONNX graph)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=_positive_int,
+        help="with --ensemble: parallel processes (default: the number of cores)",
     )
     return p
 
@@ -131,7 +143,6 @@ def train_main(argv: list[str]) -> int:
         require_extra(module, "train", "train")
     from tqdm import tqdm
 
-    from bnserve.models.checkpoint import save_checkpoint
     from bnserve.models.data import describe_data, load_dataset
     from bnserve.models.plots import plot_curves
     from bnserve.models.stream import train_stream
@@ -143,6 +154,12 @@ def train_main(argv: list[str]) -> int:
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: exists and is not a folder; --out names the output folder")
     check_output_dir(out)  # before training, not after it
+    if args.ensemble is None and args.jobs is not None:
+        raise UsageError("--jobs runs the members of --ensemble K in parallel; add --ensemble")
+    if args.ensemble is not None:
+        if args.stream:
+            raise UsageError("--ensemble trains in memory; it cannot be combined with --stream")
+        return train_ensemble_main(args, config, out)
 
     show = not args.quiet and sys.stderr.isatty()
     bar = tqdm(total=config.epochs, desc="training", unit="epoch", disable=not show)
@@ -166,18 +183,73 @@ def train_main(argv: list[str]) -> int:
             result = train(config, data, on_epoch)
     finally:
         bar.close()
+    check_usable(result, config)
+    make_output_dir(out)
+    write_run(result, out)
+    plot_curves(result.history, out / "curves.png")
+    print(summary_line(result.metrics, out / "checkpoint.npz"))
+    return 0
+
+
+def check_usable(result: Any, config: TrainConfig, what: str = "training") -> None:
+    """TrainingDiverged (exit 1, nothing written) when a run kept no usable epoch."""
     if result.metrics["diverged"] and result.metrics["best_epoch"] == 0:
         raise TrainingDiverged(
-            f"training diverged in epoch {result.metrics['epochs']} before any usable weights "
+            f"{what} diverged in epoch {result.metrics['epochs']} before any usable weights "
             f"(loss {result.history[-1]['train_loss']:.3g}); lower --lr (now {config.lr:g}); "
             "nothing was written"
         )
-    make_output_dir(out)
+
+
+def write_run(result: Any, out: Path) -> None:
+    """A run's checkpoint.npz, metrics.json and history.csv in `out`, each atomically."""
+    from bnserve.models.checkpoint import save_checkpoint
+
     save_checkpoint(result.checkpoint, out / "checkpoint.npz")
     write_text_atomic(out / "metrics.json", json.dumps(result.metrics, indent=2) + "\n")
     write_text_atomic(out / "history.csv", history_csv(result.history))
-    plot_curves(result.history, out / "curves.png")
-    print(summary_line(result.metrics, out / "checkpoint.npz"))
+
+
+def train_ensemble_main(args: argparse.Namespace, config: TrainConfig, out: Path) -> int:
+    """`bnserve train --ensemble K`: the members in parallel processes, then their files and the
+    manifest (models/ensemble.py)."""
+    import os
+
+    require_extra("threadpoolctl", "train", "train --ensemble")
+    from tqdm import tqdm
+
+    from bnserve.models.data import describe_data, load_dataset
+    from bnserve.models.ensemble import train_ensemble, write_ensemble
+
+    data = load_dataset(args.data, config.label, config.column_options(), DTYPES[config.dtype])
+    if not args.quiet:
+        print(describe_data(data), file=sys.stderr)
+    show = not args.quiet and sys.stderr.isatty()
+    bar = tqdm(total=args.ensemble, desc="training members", unit="member", disable=not show)
+    try:
+        result = train_ensemble(
+            config,
+            data,
+            args.ensemble,
+            jobs=args.jobs or os.cpu_count() or 1,
+            on_member=lambda i, r: bar.update(1),
+        )
+    finally:
+        bar.close()
+    for i, member in enumerate(result.members):
+        check_usable(member, config, f"member {i} (seed {result.seeds[i]})")
+    make_output_dir(out)
+    manifest = write_ensemble(result, out, write_run)
+    for i, member in enumerate(result.members):
+        path = out / f"member-{i}" / "checkpoint.npz"
+        print(f"member {i} (seed {result.seeds[i]}): {summary_line(member.metrics, path)}")
+    m = result.metrics
+    print(
+        f"ensemble of {args.ensemble}{' (bagging)' if config.bagging else ''}: test accuracy "
+        f"{_fmt(m['test_accuracy'])} (loss {_fmt(m['test_loss'])}; members mean "
+        f"{_fmt(m['members_mean_test_accuracy'])}, best {_fmt(m['members_best_test_accuracy'])}), "
+        f"val {_fmt(m['val_accuracy'])} -> {manifest}"
+    )
     return 0
 
 

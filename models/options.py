@@ -34,6 +34,8 @@ HELP: dict[str, str] = {
     "bn_eps": "BN epsilon",
     "leaky_slope": "slope of leaky_relu below 0",
     "population_stats": "also compute exact population statistics and make them the default",
+    "bagging": "train on a bootstrap sample of the training split (with --ensemble: each member "
+    "its own sample)",
     "test": "separate held-out file in the same format",
     "test_split": "stratified held-out fraction",
     "val_split": "validation fraction of the rest",

@@ -309,6 +309,8 @@ def train_stream(
     """`train` for files larger than memory (see the module docstring)."""
     if config.test:
         raise DataError("--stream holds out its test rows by hash; use --test-split, not --test")
+    if config.bagging:
+        raise DataError("--stream reads every training row once per epoch; it has no --bagging")
     started = time.perf_counter()
     source = open_source(path, config, chunk_rows)
     info = scan(source, config)

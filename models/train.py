@@ -6,11 +6,12 @@ the final metrics; the CLI only parses options and writes files.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -90,6 +91,9 @@ class TrainConfig:
     bn_eps: float = 1e-5
     leaky_slope: float = 0.01
     population_stats: bool = False
+    # Train on a bootstrap sample of the training split (rows drawn with replacement, as many as
+    # the split has): the bagging of `train --ensemble`.
+    bagging: bool = False
     test: str | None = None
     test_split: float = 0.2
     val_split: float = 0.1
@@ -132,10 +136,9 @@ class TrainConfig:
             self.split_seed = _integer("split_seed", self.split_seed)
         for name in _FLOATS:
             setattr(self, name, _real(name, getattr(self, name)))
-        if not isinstance(self.population_stats, bool):
-            raise ValueError(
-                f"population_stats must be true or false, got {self.population_stats!r}"
-            )
+        for name in ("population_stats", "bagging"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("test", "label"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
@@ -207,12 +210,27 @@ class TrainResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+# The random streams spawned from a run's seed, in this order (a stream's values do not depend on
+# how many are spawned after it, so adding one changed none of the others).
+STREAMS = ("split", "init", "shuffle", "dropout", "bootstrap")
+
+
 def split_generator(seed: int, split_seed: int | None = None) -> np.random.Generator:
-    """The generator that cuts the data (test part, then validation): the first of the four
-    streams spawned from `split_seed` when given, else from `seed` (the other three initialize,
-    shuffle and drop out)."""
+    """The generator that cuts the data (test part, then validation): the first of the streams
+    spawned from `split_seed` when given, else from `seed` (the others initialize, shuffle, drop
+    out and, with bagging, draw the bootstrap sample)."""
     root = seed if split_seed is None else split_seed
-    return np.random.default_rng(np.random.SeedSequence(root).spawn(4)[0])
+    return np.random.default_rng(np.random.SeedSequence(root).spawn(len(STREAMS))[0])
+
+
+def bootstrap(splits: Splits, rng: np.random.Generator) -> tuple[Splits, dict[str, Any]]:
+    """`splits` with its training rows replaced by a bootstrap sample of them (as many rows, drawn
+    with replacement), and what was drawn: the distinct rows and a sha256 of the drawn indices."""
+    n = len(splits.y_train)
+    drawn = np.sort(rng.integers(0, n, size=n))
+    digest = hashlib.sha256(drawn.astype("<i8").tobytes()).hexdigest()
+    sample = replace(splits, X_train=splits.X_train[drawn], y_train=splits.y_train[drawn])
+    return sample, {"n_train_distinct": len(np.unique(drawn)), "train_rows_sha256": digest}
 
 
 def network_spec(config: TrainConfig, n_features: int, n_classes: int) -> NetworkSpec:
@@ -428,9 +446,14 @@ def train(
     if isinstance(data, str):
         data = load_dataset(data, config.label, config.column_options(), DTYPES[config.dtype])
     dtype = DTYPES[config.dtype]
-    seeds = np.random.SeedSequence(config.seed).spawn(4)
-    init_rng, shuffle_rng, dropout_rng = (np.random.default_rng(s) for s in seeds[1:])
+    seeds = np.random.SeedSequence(config.seed).spawn(len(STREAMS))
+    init_rng, shuffle_rng, dropout_rng, bootstrap_rng = (
+        np.random.default_rng(s) for s in seeds[1:]
+    )
     splits = split_data(data, config, split_generator(config.seed, config.split_seed))
+    drawn: dict[str, Any] = {}
+    if config.bagging:
+        splits, drawn = bootstrap(splits, bootstrap_rng)
     n = len(splits.y_train)
     if n < 2:
         raise DataError(f"{data.source}: {n} training example(s) left after the splits; need >= 2")
@@ -508,6 +531,7 @@ def train(
         n_train=n,
         n_val=len(splits.y_val),
         n_test=0 if splits.y_test is None else len(splits.y_test),
+        **drawn,
     )
     checkpoint = Checkpoint(
         spec=spec,

@@ -1,0 +1,167 @@
+"""Ensembles: what K members buy in test accuracy, and what the fused graph costs to serve.
+
+Accuracy: for each data set and seed, `train_ensemble` trains the largest K once (the default
+configuration of `bnserve train`, members in `--jobs` processes); the ensemble of the first K
+members is exactly what `train --ensemble K --seed S` trains (member seeds depend only on S and
+the member's index), so every K is scored from one run. Per K, averaged over the seeds: the
+ensemble's test accuracy (mean of the members' probabilities), its members' mean, the best of its
+members on the test rows (an oracle: chosen by looking at the test rows), and the member a user
+would pick, the best on validation. With and without bagging.
+
+Serving: the first seed's members of the first data set, converted (the parity gate included)
+as one fused graph (`bnserve convert ENSEMBLE`) and as K separate models; onnxruntime on the CPU
+with the session options of `bnserve serve` (one intra-op thread, ORT_ENABLE_ALL); batch-1 latency
+(p50/p99 of single calls) and batch-64 rows/s of: one member alone, the fused graph, and K
+sessions run one after the other with their probabilities averaged in numpy. Measured in rounds,
+every variant once per round, medians over the rounds.
+
+    python bench/ensemble.py [--data sklearn:digits,sklearn:breast_cancer] [--seeds 0,1,2,3,4]
+                             [--sizes 1,3,5,10] [--jobs N] [--rounds 5] [--seconds 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from ensemble_layout import measure, session, table  # bench/ensemble_layout.py, next to this script
+
+from bnserve.converter.convert import convert_checkpoint
+from bnserve.converter.ensemble import convert_ensemble
+from bnserve.models.checkpoint import save_checkpoint
+from bnserve.models.data import load_dataset
+from bnserve.models.ensemble import EnsembleResult, average_proba, train_ensemble, write_ensemble
+from bnserve.models.train import TrainConfig
+
+
+def accuracy_rows(
+    source: str, seeds: list[int], sizes: list[int], jobs: int, bagging: bool
+) -> tuple[dict[int, dict[str, float]], EnsembleResult]:
+    """Per K, the figures averaged over `seeds`; and the first seed's run (for serving)."""
+    per_k: dict[int, dict[str, list[float]]] = {k: {} for k in sizes}
+    first = None
+    for seed in seeds:
+        t0 = time.perf_counter()
+        run = train_ensemble(
+            TrainConfig(seed=seed, bagging=bagging), load_dataset(source), max(sizes), jobs=jobs
+        )
+        first = first or run
+        splits = run.splits
+        assert splits is not None and splits.y_test is not None
+        ckpts = [m.checkpoint for m in run.members]
+        for k in sizes:
+            probs = average_proba(ckpts[:k], splits.X_test)
+            members = run.members[:k]
+            test = [m.metrics["test_accuracy"] for m in members]
+            val = [m.metrics["val_accuracy"] for m in members]
+            figures = {
+                "ensemble": float((probs.argmax(axis=1) == splits.y_test).mean()),
+                "members_mean": float(np.mean(test)),
+                "best_member_on_test": max(test),
+                "best_member_on_val": test[int(np.argmax(val))],
+            }
+            for key, value in figures.items():
+                per_k[k].setdefault(key, []).append(value)
+        print(
+            f"  {source} seed {seed}{' bagging' if bagging else ''}: {max(sizes)} members in "
+            f"{time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
+    assert first is not None
+    return {k: {key: float(np.mean(v)) for key, v in f.items()} for k, f in per_k.items()}, first
+
+
+def serving_rows(
+    run: EnsembleResult, sizes: list[int], rounds: int, seconds: float
+) -> dict[str, dict[str, float]]:
+    """Latency and throughput of one member, and per K the fused graph and K sessions."""
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        singles = []
+        for i, member in enumerate(run.members[: max(sizes)]):
+            save_checkpoint(member.checkpoint, tmp / f"m{i}.npz")
+            convert_checkpoint(tmp / f"m{i}.npz", tmp / f"m{i}.onnx")
+            singles.append(session((tmp / f"m{i}.onnx").read_bytes()))
+        fused = {}
+        for k in sizes:
+            part = EnsembleResult(run.config, run.members[:k], run.seeds[:k], {})
+            manifest = write_ensemble(
+                part,
+                tmp / f"ens{k}",
+                lambda r, folder: save_checkpoint(r.checkpoint, folder / "checkpoint.npz"),
+            )
+            convert_ensemble(manifest, tmp / f"ens{k}.onnx")
+            fused[k] = session((tmp / f"ens{k}.onnx").read_bytes())
+    assert run.splits is not None
+    rng = np.random.default_rng(0)
+    X = run.splits.X_test.astype(np.float32)
+    x1, x64 = X[:1], X[rng.integers(0, len(X), 64)]
+
+    def separate(k: int, x: np.ndarray) -> np.ndarray:
+        return np.mean([s.run(None, {"input": x})[0] for s in singles[:k]], axis=0)
+
+    variants = {"one member": lambda x: singles[0].run(None, {"input": x})}
+    for k in sizes:
+        variants[f"fused K={k}"] = lambda x, s=fused[k]: s.run(None, {"input": x})
+        if k > 1:
+            variants[f"{k} sessions"] = lambda x, k=k: separate(k, x)
+    return measure(variants, x1, x64, rounds, seconds)
+
+
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="sklearn:digits,sklearn:breast_cancer")
+    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--sizes", default="1,3,5,10")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--seconds", type=float, default=0.5, help="time per measurement")
+    args = ap.parse_args()
+    sources = args.data.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    sizes = [int(k) for k in args.sizes.split(",")]
+    print(
+        f"{cpu_name()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; "
+        f"seeds {seeds}; default training configuration; {args.jobs} processes\n",
+        flush=True,
+    )
+    accuracy = [
+        "| data | K | ensemble | members' mean | best member (on test) | member best on val "
+        "| bagged ensemble | bagged members' mean |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    serving_run = None
+    for source in sources:
+        plain, run = accuracy_rows(source, seeds, sizes, args.jobs, bagging=False)
+        bagged, _ = accuracy_rows(source, seeds, sizes, args.jobs, bagging=True)
+        serving_run = serving_run or run
+        for k in sizes:
+            p, b = plain[k], bagged[k]
+            accuracy.append(
+                f"| `{source}` | {k} | {p['ensemble']:.4f} | {p['members_mean']:.4f} | "
+                f"{p['best_member_on_test']:.4f} | {p['best_member_on_val']:.4f} | "
+                f"{b['ensemble']:.4f} | {b['members_mean']:.4f} |"
+            )
+    print("\ntest accuracy, mean over seeds\n" + "\n".join(accuracy), flush=True)
+    assert serving_run is not None
+    serving = serving_rows(serving_run, sizes, args.rounds, args.seconds)
+    print(f"\nserving {sources[0]} (load average {os.getloadavg()[0]:.1f})")
+    print(table(serving, "one member"))
+
+
+if __name__ == "__main__":
+    main()
