@@ -23,6 +23,13 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 common=(--quiet --no-header --python-platform x86_64-manylinux_2_28 --index-url https://pypi.org/simple)
 
+# uv keeps the versions already in an output file where they still fit: start from the committed
+# locks, so a new dependency moves only what it must (UPGRADE=1 re-resolves everything).
+if [[ ${UPGRADE:-0} != 1 ]]; then
+    cp constraints.txt "$tmp/constraints.txt"
+    cp locks/serve.txt "$tmp/serve.txt"
+    cp locks/serve-cuda.txt "$tmp/serve-cuda.txt"
+fi
 "$uv" pip compile pyproject.toml --extra train --extra test --extra dask --python-version 3.11 \
     "${common[@]}" --no-annotate -o "$tmp/constraints.txt"
 {

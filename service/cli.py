@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from dataclasses import replace
@@ -19,7 +20,7 @@ from typing import Any
 
 from bnserve.errors import UsageError
 from bnserve.service.auth import read_tokens
-from bnserve.service.config import DEVICES, OUTPUT_KINDS, ServiceConfig
+from bnserve.service.config import DEVICES, OUTPUT_KINDS, ServiceConfig, bracketed
 from bnserve.service.logs import configure_logging
 from bnserve.service.metrics import prepare_dir
 from bnserve.service.options import SERVE_OPTIONS, build_parser, positive_int, resolve
@@ -87,6 +88,7 @@ def serve_main(argv: list[str]) -> int:
                 details["output_kind"],
                 details["device"],
             )
+    check_grpc_port(config)  # before forking: the workers bind it with SO_REUSEPORT
     config, cleanup = prepare_runtime(config, repository, probed)
     master = os.getpid()
     try:
@@ -95,6 +97,36 @@ def serve_main(argv: list[str]) -> int:
         if cleanup is not None and os.getpid() == master:  # workers leave through here too
             shutil.rmtree(cleanup, ignore_errors=True)
     return 0
+
+
+def check_grpc_port(config: ServiceConfig) -> None:
+    """Refuse to start when the gRPC port is taken (before forking: the workers then bind it
+    with SO_REUSEPORT, service/grpc_server.py). The probe binds without SO_REUSEPORT, so a port
+    held by anything, another bnserve's workers included (they would share it silently), is
+    refused with a message. No grpc import: the master must not start grpc's threads."""
+    if not config.grpc_port:
+        return
+    if config.grpc_port == config.port:
+        raise UsageError(
+            f"--grpc-port {config.grpc_port} is also the HTTP --port: give gRPC its own port "
+            "(or --grpc-port 0 for none)"
+        )
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            config.host, config.grpc_port, type=socket.SOCK_STREAM
+        )[0]
+    except OSError as exc:
+        raise UsageError(f"--host {config.host}: {exc}") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise UsageError(
+                f"--grpc-port {config.grpc_port}: cannot listen on "
+                f"{bracketed(config.host)}:{config.grpc_port}: {exc.strerror} (another server "
+                "holds it? choose another port, or --grpc-port 0 for no gRPC server)"
+            ) from None
 
 
 def prepare_runtime(

@@ -65,6 +65,11 @@ def default_workers() -> int:
     return max(1, cores)
 
 
+def bracketed(host: str) -> str:
+    """`host` as it stands before `:port` in an address (an IPv6 literal in brackets)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     """Everything a worker needs to build the app; `model` is an .onnx file or a repository."""
@@ -81,6 +86,7 @@ class ServiceConfig:
     intra_op_threads: int = 1
     host: str = "127.0.0.1"
     port: int = 8000
+    grpc_port: int = 8001  # the Open Inference Protocol over gRPC; 0: no gRPC server
     max_batch: int = 64
     max_body_bytes: int = 16 * 1024 * 1024
     output_kind: str = "auto"

@@ -22,12 +22,9 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
-
-import orjson
 
 from bnserve.errors import BnserveError
 from bnserve.service.api import FIXED_PATHS, ROUTES
@@ -35,53 +32,15 @@ from bnserve.service.auth import BearerAuth
 from bnserve.service.body import TimedInput
 from bnserve.service.config import ServiceConfig
 from bnserve.service.errors import error_body, status_line
+from bnserve.service.logs import SANE_REQUEST_ID, AccessLog
 from bnserve.service.registry import ModelRegistry
+from bnserve.service.reload import StateFollower
 from bnserve.service.routes import Call, json_headers, match
 
 log = logging.getLogger("bnserve.service")
 
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 UNMATCHED = "unmatched"  # the route label of 404s: random paths must not become label values
 REQUEST_ID_HEADER = "X-Request-ID"
-
-
-class AccessLog:
-    """One JSON object per line on stderr: time, request id, method, path, route, status, ms."""
-
-    def __init__(self, fd: int = 2) -> None:
-        self.fd = fd
-        self.pid = os.getpid()
-
-    def write(
-        self,
-        request_id: str,
-        method: str,
-        path: str,
-        route: str,
-        status: int,
-        seconds: float,
-        size: int,
-    ) -> None:
-        line = orjson.dumps(
-            {
-                "ts": round(time.time(), 3),
-                "level": "info",
-                "logger": "bnserve.access",
-                "request_id": request_id,
-                "method": method,
-                "path": path[:256],
-                "route": route,
-                "status": status,
-                "duration_ms": round(seconds * 1000.0, 3),
-                "bytes": size,
-                "pid": self.pid,
-            },
-            option=orjson.OPT_APPEND_NEWLINE,
-        )
-        try:  # noqa: SIM105 (suppress() costs more on the hot path)
-            os.write(self.fd, line)
-        except OSError:  # a closed stderr must not fail requests
-            pass
 
 
 class Gateway:
@@ -104,8 +63,8 @@ class Gateway:
         self.auth = auth
         self.store = store
         self.openapi = openapi
-        self._generation = store.generation_watch() if store is not None else None
-        self._cooperative = gevent_patched()
+        self.follower = StateFollower(store, registry, config, auth) if store is not None else None
+        self.cooperative = gevent_patched()
         self._prefix = os.urandom(6).hex() + "-"
         self._count = itertools.count(1)
 
@@ -114,7 +73,7 @@ class Gateway:
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         start = time.perf_counter()
         request_id = environ.get("HTTP_X_REQUEST_ID")
-        if request_id is None or _REQUEST_ID.fullmatch(request_id) is None:
+        if request_id is None or SANE_REQUEST_ID.fullmatch(request_id) is None:
             request_id = self._prefix + format(next(self._count), "x")
         environ["bnserve.request_id"] = request_id
         stream = environ.get("wsgi.input")
@@ -123,13 +82,9 @@ class Gateway:
                 stream,
                 environ.get("gunicorn.socket"),
                 time.monotonic() + self.config.body_timeout,
-                self._cooperative,
+                self.cooperative,
             )
-        if self.store is not None:
-            self._watch()
-        metrics = self.metrics
-        if metrics is not None:
-            metrics.in_flight.inc()
+        metrics = self.enter()
         try:
             code, headers, body, route = self._dispatch(environ)
         except Exception as exc:  # a bug: log it, answer JSON, keep serving
@@ -159,6 +114,17 @@ class Gateway:
                 len(body),
             )
         return [body]
+
+    def enter(self) -> Any:
+        """Before answering a request (or a gRPC call, service/grpc_server.py): follow the
+        published state, count it in flight; returns the metrics whose `in_flight` to
+        decrement after it (None when not counting)."""
+        if self.follower is not None:
+            self.follower.follow()
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.in_flight.inc()
+        return metrics
 
     def _dispatch(self, environ: dict[str, Any]) -> tuple[int, list, bytes, str]:
         path = environ.get("PATH_INFO") or "/"
@@ -197,32 +163,6 @@ class Gateway:
         methods = ", ".join(m for m in allowed if m != "OPTIONS")
         body = error_body(f"method {method} is not allowed for {path} (allowed: {methods})")
         return 405, json_headers(body, allow), body, UNMATCHED
-
-    def _watch(self) -> None:
-        """Switch models (or tokens, or start draining) when a new state was published: one
-        shared-memory read per request (service/reload.py)."""
-        generation = self._generation.current()
-        if generation == self.registry.generation:
-            return
-        try:
-            state = self.store.read()
-        except (OSError, ValueError) as exc:
-            log.error("cannot read the model state %s: %s", self.store.state_path, exc)
-            return
-        config = self.config
-        tokens_before = self.registry.tokens_sha256
-        self.registry.apply_state(state, config.device, config.intra_op_threads, config.output_kind)
-        if self.auth is not None and self.registry.tokens_sha256 != tokens_before:
-            self._reload_tokens()
-
-    def _reload_tokens(self) -> None:
-        """The master validated the new token file before publishing it: read its copy."""
-        try:
-            self.auth.tokens = self.store.read_tokens()
-        except OSError as exc:  # keep the tokens in force rather than open or lock out
-            log.error("cannot read the new tokens %s: %s", self.store.tokens_path, exc)
-            return
-        log.info("bearer tokens reloaded (%d token(s))", len(self.auth.tokens))
 
 
 def gevent_patched() -> bool:

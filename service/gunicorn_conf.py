@@ -21,7 +21,7 @@ from gunicorn import util
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 
-from bnserve.service.config import ServiceConfig
+from bnserve.service.config import ServiceConfig, bracketed
 from bnserve.service.errors import error_body
 from bnserve.service.metrics import mark_dead
 from bnserve.service.reload import ModelStore
@@ -45,13 +45,8 @@ LIMIT_REQUEST_FIELD_SIZE = 8190
 
 def gunicorn_settings(config: ServiceConfig) -> dict[str, Any]:
     """gunicorn settings for `config`: gevent workers by default (docs/serving.md says why)."""
-    host = (
-        f"[{config.host}]"
-        if ":" in config.host and not config.host.startswith("[")
-        else config.host
-    )
     settings: dict[str, Any] = {
-        "bind": [f"{host}:{config.port}"],
+        "bind": [f"{bracketed(config.host)}:{config.port}"],
         "workers": config.workers,
         "threads": config.threads,
         "worker_class": WORKER_CLASSES[config.worker_class],
@@ -71,6 +66,8 @@ def gunicorn_settings(config: ServiceConfig) -> dict[str, Any]:
         "proc_name": "bnserve",
         "when_ready": when_ready,
         "post_fork": post_fork,
+        "post_worker_init": post_worker_init,
+        "worker_exit": worker_exit,
         "child_exit": child_exit,
         "max_requests": config.max_requests,
         "max_requests_jitter": config.max_requests_jitter,
@@ -95,6 +92,9 @@ def when_ready(server: Any) -> None:
             with contextlib.suppress(OSError, AttributeError):  # not Linux, or not TCP
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, server.cfg.keepalive)
     addresses = ", ".join(str(listener) for listener in server.LISTENERS)
+    config = server.app.config
+    if config.grpc_port:  # each worker binds it after the fork (service/grpc_server.py)
+        addresses += f" and grpc://{bracketed(config.host)}:{config.grpc_port}"
     log.info("bnserve is listening on %s with %d worker(s)", addresses, server.num_workers)
 
 
@@ -111,6 +111,25 @@ def post_fork(server: Any, worker: Any) -> None:
     for number in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         signal.signal(number, signal.SIG_DFL)
     util.write_error = write_json_error
+
+
+def post_worker_init(worker: Any) -> None:
+    """After the worker built the app, before it serves: its gRPC server (--grpc-port), on the
+    worker's own state (service/grpc_server.py), stopping when the worker stops."""
+    config = worker.app.config
+    if not config.grpc_port:
+        return
+    from bnserve.service.grpc_server import GrpcServer  # grpc: workers only, after the fork
+
+    worker.bnserve_grpc = GrpcServer(worker.wsgi.wsgi_app, config)
+    worker.bnserve_grpc.stop_when(lambda: not worker.alive)
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """The worker is leaving: let its gRPC calls under way finish (the graceful timeout)."""
+    grpc_server = getattr(worker, "bnserve_grpc", None)
+    if grpc_server is not None:
+        grpc_server.close()
 
 
 def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:

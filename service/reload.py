@@ -273,6 +273,43 @@ class GenerationWatch:
         return struct.unpack_from("<q", self._shared)[0]
 
 
+class StateFollower:
+    """A worker's side of the state: before answering a request (HTTP or gRPC), switch its
+    models, its tokens or start draining when a new state was published. One shared-memory read
+    per request; the state file is read only when the generation moved."""
+
+    def __init__(self, store: ModelStore, registry: Any, config: ServiceConfig, auth: Any) -> None:
+        self.store = store
+        self.registry = registry  # service.registry.ModelRegistry
+        self.config = config
+        self.auth = auth  # service.auth.BearerAuth, or None without --token-file
+        self._generation = store.generation_watch()
+
+    def follow(self) -> None:
+        generation = self._generation.current()
+        if generation == self.registry.generation:
+            return
+        try:
+            state = self.store.read()
+        except (OSError, ValueError) as exc:
+            log.error("cannot read the model state %s: %s", self.store.state_path, exc)
+            return
+        config = self.config
+        tokens_before = self.registry.tokens_sha256
+        self.registry.apply_state(state, config.device, config.intra_op_threads, config.output_kind)
+        if self.auth is not None and self.registry.tokens_sha256 != tokens_before:
+            self._reload_tokens()
+
+    def _reload_tokens(self) -> None:
+        """The master validated the new token file before publishing it: read its copy."""
+        try:
+            self.auth.tokens = self.store.read_tokens()
+        except OSError as exc:  # keep the tokens in force rather than open or lock out
+            log.error("cannot read the new tokens %s: %s", self.store.tokens_path, exc)
+            return
+        log.info("bearer tokens reloaded (%d token(s))", len(self.auth.tokens))
+
+
 class ReloadError(BnserveError):
     """A reload candidate failed validation; every worker stays on the last good model."""
 

@@ -3,7 +3,9 @@
 Health answers by status code, metadata describes models in the protocol's shape (with labels,
 device and the converter's reports under `parameters`), and `infer` speaks JSON tensors, the
 binary tensor data extension and the classification extension, so `tritonclient.http` works with
-its defaults. HTTP/REST only: there is no gRPC endpoint.
+its defaults. The gRPC methods of the same protocol (service/grpc_api.py) call the functions
+here for everything but the transport: `infer_tensors`, `model_metadata`,
+`repository_index_document`, `change_model`.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import numpy as np
 import bnserve
 from bnserve.service.body import JsonBudget, dumps, json_type, parse_json_object, read_body
 from bnserve.service.columns import RawColumn, decode_column
+from bnserve.service.config import ServiceConfig
 from bnserve.service.errors import BadRequestError, ForbiddenError, GatewayTimeoutError
 from bnserve.service.registry import ModelRegistry, ModelVersions
-from bnserve.service.reload import ReloadError
+from bnserve.service.reload import ModelStore, ReloadError
 from bnserve.service.repository import find_models
 from bnserve.service.routes import Answer, Call, json_answer
 from bnserve.service.runtime import ModelRuntime
@@ -110,6 +113,31 @@ def infer(
     header_bytes, binary = split_body(body, header_length)
     budget = JsonBudget.for_rows(max_batch, runtime.info.n_features)
     header = parse_json_object(header_bytes, EXAMPLE, budget)
+    request_id, results = infer_tensors(runtime, header, binary, max_batch)
+    entries, tails = [], []
+    for name, array, binary_out in results:
+        entry, raw = encode_output(name, array, binary_out)
+        entries.append(entry)
+        if raw:
+            tails.append(raw)
+    response: dict[str, Any] = {"model_name": runtime.name, "model_version": str(runtime.version)}
+    if request_id is not None:
+        response["id"] = request_id
+    response["outputs"] = entries
+    json_part = dumps(response)
+    if not any("parameters" in e for e in entries):
+        return json_part, {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(json_part))}
+    return json_part + b"".join(tails), headers
+
+
+def infer_tensors(
+    runtime: ModelRuntime, header: dict[str, Any], binary: memoryview, max_batch: int
+) -> tuple[str | None, list[tuple[str, np.ndarray, bool]]]:
+    """Decode, check and run one request of the protocol's shape (the JSON header over HTTP; the
+    gRPC server builds the same from its message): (its id, one (name, array, binary) per
+    requested output, classification applied). `binary` holds the inputs sent as raw bytes, in
+    the order of the inputs, each declared by its `binary_data_size` parameter."""
     inputs = header.get("inputs")
     info = runtime.info
     request_id = header.get("id")
@@ -129,8 +157,7 @@ def infer(
     requested = _requested_outputs(header, runtime)
     names = list(dict.fromkeys(name for name, _, _ in requested))
     results = dict(zip(names, runtime.run(names, x), strict=True))
-
-    entries, tails = [], []
+    outputs = []
     for name, binary_out, k in requested:
         array = results[name]
         if k is not None:
@@ -141,19 +168,8 @@ def infer(
                 )
             labels = info.labels if info.labels and len(info.labels) == array.shape[1] else None
             array = classify(array, k, labels)
-        entry, raw = encode_output(name, array, binary_out)
-        entries.append(entry)
-        if raw:
-            tails.append(raw)
-    response: dict[str, Any] = {"model_name": runtime.name, "model_version": str(runtime.version)}
-    if request_id is not None:
-        response["id"] = request_id
-    response["outputs"] = entries
-    json_part = dumps(response)
-    if not any("parameters" in e for e in entries):
-        return json_part, {"Content-Type": "application/json"}
-    headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(json_part))}
-    return json_part + b"".join(tails), headers
+        outputs.append((name, array, binary_out))
+    return request_id, outputs
 
 
 def decode_columns(
@@ -303,23 +319,40 @@ _CONTROL_PARAMETERS = {"load": {"allow_signature_change"}, "unload": {"unload_de
 
 
 def control_model(call: Call, action: str, name: str) -> dict[str, Any]:
-    """`POST /v2/repository/models/{name}/load|unload`: queue it for the reload runner (the
-    gunicorn master starts it), wait for the result, switch this worker at once (the others
-    before their next request)."""
+    """`POST /v2/repository/models/{name}/load|unload`: the body's parameters, then
+    `change_model`."""
     config = call.config
+    refuse_without_model_control(config, action)
+    body = read_body(call.environ, config.max_body_bytes)
+    document = parse_json_object(body, '{"parameters": {...}}') if body.strip() else {}
+    parameters = check_parameters(document.get("parameters"), "'parameters'")
+    return change_model(call.registry, call.store, config, action, name, parameters)
+
+
+def refuse_without_model_control(config: ServiceConfig, action: str) -> None:
+    """ForbiddenError unless the server runs with --model-control explicit."""
     if config.model_control != "explicit":
         raise ForbiddenError(
             f"model control is {config.model_control!r}: this server does not {action} models "
             "on request. Start it with --model-control explicit (BNSERVE_MODEL_CONTROL=explicit) "
             "to use this route; SIGHUP to the server reloads the served models"
         )
-    registry: ModelRegistry = call.registry
-    store = call.store
+
+
+def change_model(
+    registry: ModelRegistry,
+    store: ModelStore | None,
+    config: ServiceConfig,
+    action: str,
+    name: str,
+    parameters: dict[str, Any],
+) -> dict[str, Any]:
+    """Load or unload model `name` (HTTP route or gRPC method): queue it for the reload runner
+    (the gunicorn master starts it), wait for the result, switch this worker at once (the others
+    before their next request)."""
+    refuse_without_model_control(config, action)
     if store is None:
         raise BadRequestError(f"{action} needs the model store that `bnserve serve` sets up")
-    body = read_body(call.environ, config.max_body_bytes)
-    document = parse_json_object(body, '{"parameters": {...}}') if body.strip() else {}
-    parameters = check_parameters(document.get("parameters"), "'parameters'")
     unknown = set(parameters) - _CONTROL_PARAMETERS[action]
     if unknown:
         raise BadRequestError(
