@@ -14,14 +14,13 @@ and bnserve with `--worker-class sync`, while a normal client POSTs /predict eve
     python bench/serve.py            # 3 rounds of 5 s per cell, then 20 s of slow clients
     python bench/serve.py --quick    # 2 rounds of 2 s
 
-With `--grpc` it measures the Open Inference Protocol over gRPC instead: bnserve's default
-(gevent, 2 workers), `--worker-class sync` and one gthread worker (what a separate gRPC process
-next to gunicorn would be: one process, real threads), each answering `POST
+With `--grpc` it measures the Open Inference Protocol over gRPC instead: bnserve's default (2
+gevent workers and one gRPC process) and `--grpc-workers 2`, each answering `POST
 /v2/models/mlp/infer` (JSON, wrk, kept-alive connections) and gRPC `ModelInfer` (raw FP32
 contents, as tritonclient.grpc sends them) from a closed-loop grpc.aio client with N concurrent
-calls, each on its own HTTP/2 connection (like wrk's N connections; one connection reaches one
-worker). The two clients differ (wrk is C, the gRPC client Python, sharing the machine at the
-same nice level), so the server CPU per request is the figure to compare across protocols.
+calls, each on its own HTTP/2 connection (like wrk's N connections). The two clients differ (wrk
+is C, the gRPC client Python, both at the same nice level on the same machine), so the server
+CPU per request (all of bnserve's processes) is the figure to compare across protocols.
 
     python bench/serve.py --grpc [--quick]
 """
@@ -345,9 +344,8 @@ def start_servers(tmp: Path, model: Path, env: dict[str, str]) -> list[Server]:
 
 PROTOCOLS = ("http", "grpc")
 GRPC_SERVERS = {  # name -> extra `bnserve serve` flags
-    "gevent x2": ["--workers", "2"],
-    "gthread x2": ["--workers", "2", "--worker-class", "gthread", "--threads", "4"],
-    "gthread x1": ["--workers", "1", "--worker-class", "gthread", "--threads", "4"],
+    "default": ["--workers", "2"],
+    "--grpc-workers 2": ["--workers", "2", "--grpc-workers", "2"],
 }
 
 
@@ -379,8 +377,8 @@ def grpc_client(port: int, calls: int, seconds: float) -> dict:
             )
             for c in channels
         ]
-        for stub in stubs:
-            await stub(request)
+        for stub in stubs:  # the gRPC process binds once it has loaded the model
+            await stub(request, wait_for_ready=True, timeout=60)
         latencies: list[float] = []
         errors = 0
         loop = asyncio.get_running_loop()

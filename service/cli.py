@@ -88,7 +88,7 @@ def serve_main(argv: list[str]) -> int:
                 details["output_kind"],
                 details["device"],
             )
-    check_grpc_port(config)  # before forking: the workers bind it with SO_REUSEPORT
+    check_grpc_port(config)  # before anything starts: the gRPC processes bind it later
     config, cleanup = prepare_runtime(config, repository, probed)
     master = os.getpid()
     try:
@@ -100,10 +100,10 @@ def serve_main(argv: list[str]) -> int:
 
 
 def check_grpc_port(config: ServiceConfig) -> None:
-    """Refuse to start when the gRPC port is taken (before forking: the workers then bind it
-    with SO_REUSEPORT, service/grpc_server.py). The probe binds without SO_REUSEPORT, so a port
-    held by anything, another bnserve's workers included (they would share it silently), is
-    refused with a message. No grpc import: the master must not start grpc's threads."""
+    """Refuse to start when the gRPC port is taken (the gRPC processes bind it with SO_REUSEPORT
+    once they have loaded the models, service/grpc_server.py). The probe binds without
+    SO_REUSEPORT, so a port held by anything, another bnserve's gRPC processes included (they
+    would share it silently), is refused with a message, before the server starts."""
     if not config.grpc_port:
         return
     if config.grpc_port == config.port:

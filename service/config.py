@@ -23,6 +23,10 @@ WORKER_CLASSES = ("gevent", "sync", "gthread")
 # Triton's names: `none` refuses the repository load/unload routes, `explicit` serves them.
 MODEL_CONTROL_MODES = ("none", "explicit")
 
+# The exit status of a gRPC process that could not start serving: the master then halts, as
+# gunicorn does when a worker cannot boot (service/gunicorn_conf.py GrpcProcesses).
+GRPC_BOOT_ERROR = 3
+
 _CGROUP_V2_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 _CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
 _CGROUP_V1_PERIOD = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
@@ -87,6 +91,7 @@ class ServiceConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     grpc_port: int = 8001  # the Open Inference Protocol over gRPC; 0: no gRPC server
+    grpc_workers: int = 1  # gRPC processes (service/grpc_server.py)
     max_batch: int = 64
     max_body_bytes: int = 16 * 1024 * 1024
     output_kind: str = "auto"

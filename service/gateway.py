@@ -64,7 +64,7 @@ class Gateway:
         self.store = store
         self.openapi = openapi
         self.follower = StateFollower(store, registry, config, auth) if store is not None else None
-        self.cooperative = gevent_patched()
+        self._cooperative = gevent_patched()
         self._prefix = os.urandom(6).hex() + "-"
         self._count = itertools.count(1)
 
@@ -82,7 +82,7 @@ class Gateway:
                 stream,
                 environ.get("gunicorn.socket"),
                 time.monotonic() + self.config.body_timeout,
-                self.cooperative,
+                self._cooperative,
             )
         metrics = self.enter()
         try:

@@ -1,19 +1,16 @@
-"""The gRPC server of a gunicorn worker: the Open Inference Protocol on `--grpc-port`.
+"""The gRPC process: the Open Inference Protocol on `--grpc-port`, next to the gunicorn workers.
 
-Every worker runs one, next to its HTTP server, on the same port: grpc binds with SO_REUSEPORT,
-so the kernel spreads new connections over the workers as the shared listening socket spreads
-HTTP ones (a connection then stays with its worker; HTTP/2 multiplexes a client's calls over
-it). A worker's gRPC calls use the worker's own state: the same registry (models and versions),
-the same state watch (hot reload, token reload, draining: `StateFollower.follow` before every
-call, as the HTTP gateway does), the same bearer tokens, metrics and access log. So there is
-nothing more to supervise: a recycled, killed or restarted worker takes its gRPC server with it.
-
-Under the gevent worker (the default) grpc's gevent support is switched on first
-(`grpc.experimental.gevent.init_gevent()`, after gunicorn's monkey patch): grpc then waits for
-its completion queue without blocking the worker's event loop, and the method handlers run on
-greenlets (the executor's threads are gevent's after the patch), so a gRPC call and an HTTP
-request of one worker take turns as two HTTP requests do. Under the sync and gthread workers the
-handlers run on a small pool of real threads.
+The gunicorn master starts `--grpc-workers` of these (`python -m bnserve.service.grpc_server
+RUNTIME_DIR`, a fresh interpreter: nothing inherited from the master), restarts one that dies and
+stops them with the workers (service/gunicorn_conf.py `GrpcProcesses`). Each builds the app a
+worker builds (`create_app`: the models from the store's copies, the bearer tokens, metrics, the
+state follower) and answers gRPC from that state on a pool of real threads; it never serves
+HTTP. So a gRPC call is served with the same registry code, the same hot reload, token reload
+and draining (`StateFollower.follow` before every call, as the HTTP gateway does), the same
+auth, metrics and access log as an HTTP request, and grpc never runs under gevent's monkey patch:
+with grpc's gevent support (`grpc.experimental.gevent`, experimental) in the workers a call cost
+2.3-2.5x the server CPU of an HTTP V2 infer, here 1.2-1.6x (docs/architecture.md). Several gRPC
+processes share the port with SO_REUSEPORT: the kernel spreads connections over them.
 
 Per call: a request id (`x-request-id` metadata, else a new one, sent back as initial metadata),
 the state watch, the bearer token (the `authorization` metadata; the health methods are open, as
@@ -28,10 +25,11 @@ runs; more rows than --max-batch is RESOURCE_EXHAUSTED from the decoder (HTTP: 4
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import os
+import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -43,35 +41,32 @@ import grpc
 from bnserve.errors import BnserveError
 from bnserve.service import grpc_api
 from bnserve.service import grpc_messages as pb
-from bnserve.service.config import ServiceConfig, bracketed
+from bnserve.service.config import GRPC_BOOT_ERROR, ServiceConfig, bracketed
 from bnserve.service.errors import grpc_status
-from bnserve.service.logs import SANE_REQUEST_ID
+from bnserve.service.logs import SANE_REQUEST_ID, configure_logging
+from bnserve.service.reload import ModelStore
 
 log = logging.getLogger("bnserve.service")
 
 REQUEST_ID = "x-request-id"
 UNAUTHENTICATED = "missing or invalid bearer token (metadata authorization: Bearer <token>)"
-# Thread workers: handlers on real threads; onnxruntime releases the GIL while it runs.
-THREAD_POOL = 4
-_gevent_ready = False
+# Calls served at once by one process; onnxruntime releases the GIL while it runs, and a load
+# or unload call waits for the reload runner on its thread.
+THREADS = 8
 
 
 class GrpcServer:
-    """One worker's gRPC server over the worker's state, held by its HTTP gateway
-    (service/gateway.py: registry, store, auth, state follower, metrics, access log)."""
+    """A gRPC server over the serving state that an app's gateway holds (service/gateway.py:
+    registry, store, auth, state follower, metrics, access log)."""
 
-    def __init__(self, gateway: Any, config: ServiceConfig) -> None:
+    def __init__(self, gateway: Any, config: ServiceConfig, threads: int = THREADS) -> None:
         self.gateway = gateway
         self.config = config
         self.worker = grpc_api.Worker(gateway.registry, config, gateway.store)
         self._prefix = os.urandom(6).hex() + "-g"
         self._count = itertools.count(1)
-        cooperative = bool(gateway.cooperative)
-        if cooperative:
-            _init_gevent()
-        pool = config.worker_connections if cooperative else max(THREAD_POOL, config.threads)
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=pool, thread_name_prefix="bnserve-grpc"),
+            futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bnserve-grpc"),
             options=[
                 ("grpc.max_receive_message_length", config.max_body_bytes),
                 ("grpc.so_reuseport", 1),
@@ -144,27 +139,10 @@ class GrpcServer:
             log.exception("unhandled error in gRPC %s", method.name)
             raise _Refusal("INTERNAL", f"internal error: {type(exc).__name__}") from None
 
-    def stop_when(self, stopping: Callable[[], bool], poll: float = 0.5) -> None:
-        """Start the graceful stop once `stopping()` is true (the worker got SIGTERM, or was
-        recycled): gRPC then stops taking calls when HTTP does, and finishes the calls under way
-        within the graceful timeout, as gunicorn does for HTTP."""
-
-        def watch() -> None:
-            while not stopping():
-                time.sleep(poll)
-            self.stop()
-
-        threading.Thread(target=watch, name="bnserve-grpc-stop", daemon=True).start()
-
-    def stop(self) -> threading.Event:
-        """Refuse new calls now; calls under way have the graceful timeout to finish."""
-        return self.server.stop(self.config.timeout)
-
-    def close(self) -> None:
-        """At the worker's exit (gunicorn's worker_exit hook): stop, and wait for the calls
-        under way, within the graceful timeout."""
-        with contextlib.suppress(Exception):  # the worker is leaving whatever happens
-            self.stop().wait(self.config.timeout + 1)
+    def stop(self, grace: float | None = None) -> threading.Event:
+        """Refuse new calls now; calls under way have `grace` seconds (default: the graceful
+        timeout) to finish. The event is set once the server has stopped."""
+        return self.server.stop(self.config.timeout if grace is None else grace)
 
 
 class _Refusal(Exception):
@@ -181,11 +159,34 @@ def _output_type(name: str) -> str:
     return pb.SERVICE.methods_by_name[name].output_type.name
 
 
-def _init_gevent() -> None:
-    """grpc's gevent support: once per process, after the monkey patch, before grpc objects."""
-    global _gevent_ready
-    if not _gevent_ready:
-        from grpc.experimental import gevent as grpc_gevent
+# -- the process ---------------------------------------------------------------------------------
 
-        grpc_gevent.init_gevent()
-        _gevent_ready = True
+
+def serve(runtime_dir: str, poll: float = 1.0) -> int:
+    """Serve gRPC until SIGTERM or SIGINT (graceful: calls under way have the graceful timeout),
+    or until the master is gone (its children must not outlive it, holding the port)."""
+    from bnserve.service.app import create_app  # Flask, onnxruntime: this process only
+
+    master = os.getppid()
+    stopping = threading.Event()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda *_: stopping.set())
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads reach us through the state
+    try:
+        config = ModelStore(runtime_dir).config()
+        configure_logging(config.log_level)
+        server = GrpcServer(create_app(config).wsgi_app, config)
+    except Exception:  # no state, no models, a port it cannot bind: the master halts
+        log.exception("the gRPC server cannot start")
+        return GRPC_BOOT_ERROR
+    log.info("gRPC process %d serving %s on %s", os.getpid(), pb.SERVICE.full_name, server.address)
+    while not stopping.wait(poll):
+        if os.getppid() != master:
+            log.warning("the gunicorn master is gone: stopping the gRPC process")
+            break
+    server.stop().wait(config.timeout + 1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(serve(sys.argv[1]))

@@ -217,8 +217,16 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         port,
         8001,
         "Open Inference Protocol over gRPC (inference.GRPCInferenceService) on this port, same "
-        "host, in every worker (0: no gRPC server)",
+        "host (0: no gRPC server)",
         _env("GRPC_PORT"),
+    ),
+    Option(
+        "grpc-workers",
+        positive_int,
+        1,
+        "gRPC processes next to the gunicorn workers, each a pool of threads (about one core "
+        "of gRPC traffic per process)",
+        _env("GRPC_WORKERS"),
     ),
     Option("max-batch", positive_int, 64, "most rows per request", _env("MAX_BATCH")),
     Option(

@@ -258,6 +258,10 @@ class LiveServer:
                 continue
         return found
 
+    def grpc_pids(self) -> list[int]:
+        """The gRPC processes (python -m bnserve.service.grpc_server)."""
+        return [pid for pid, cmdline in self.children().items() if b"grpc_server" in cmdline]
+
     def worker_pids(self) -> list[int]:
         """The gunicorn workers: the children that run the master's command line (forked, not
         exec'd), so neither a reload runner nor an exited child waiting to be reaped counts."""
@@ -306,13 +310,26 @@ def start_server(
         if proc.poll() is not None:
             raise RuntimeError(f"bnserve serve exited with {proc.returncode}:\n{server.log()}")
         try:  # the master accepts connections before a worker has loaded the models
-            if requests.get(f"{server.url}/v2/health/ready", timeout=5).status_code == 200:
+            ready = requests.get(f"{server.url}/v2/health/ready", timeout=5).status_code == 200
+            if ready and (grpc_port == 0 or grpc_listening(server, deadline)):
                 return server
         except requests.RequestException:
             pass
         time.sleep(0.1)
     stop_server(server)
     raise RuntimeError(f"bnserve serve not ready after 60 s:\n{server.log()}")
+
+
+def grpc_listening(server: LiveServer, deadline: float) -> bool:
+    """Whether a gRPC process accepts connections (it binds once its models are loaded)."""
+    import grpc
+
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=max(0.1, deadline - time.monotonic()))
+        except grpc.FutureTimeoutError:
+            return False
+    return True
 
 
 def stop_server(server: LiveServer) -> int:

@@ -4,6 +4,8 @@ needs typed contents, which tritonclient never sends)."""
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import tritonclient.grpc as tg
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from tests.service.production import metrics, sample
+from tests.service.production import metrics, sample, wait_for
 from tests.service.support import (
     COLUMN_LABELS,
     MAX_BATCH,
@@ -32,6 +34,7 @@ from tests.service.support import (
 )
 
 TOKEN = "grpc-test-token-0123"
+GRPC_X2 = ("--workers", "2", "--grpc-workers", "2")
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 HTTP_AUTH = {"Authorization": f"Bearer {TOKEN}"}
 X = np.random.default_rng(7).normal(size=(3, N_FEATURES)).astype(np.float32)
@@ -243,13 +246,15 @@ def test_grpc_calls_are_counted_and_logged(server: LiveServer) -> None:
     assert '"status":"NOT_FOUND"' in log and '"protocol":"grpc"' in log
 
 
-def test_only_the_workers_load_grpc(server: LiveServer) -> None:
-    """grpc starts threads when it starts: the gunicorn master must never load it (its forked
-    workers would inherit them), each worker loads it after the fork."""
-    assert "cygrpc" not in Path(f"/proc/{server.proc.pid}/maps").read_text()
+def test_only_the_grpc_process_loads_grpc(server: LiveServer) -> None:
+    """grpc starts threads: neither the gunicorn master (its forked workers would inherit them)
+    nor the gevent workers load it; the gRPC process, a fresh interpreter, serves it."""
+    maps = lambda pid: Path(f"/proc/{pid}/maps").read_text()  # noqa: E731
+    assert "cygrpc" not in maps(server.proc.pid)
     workers = server.worker_pids()
-    assert len(workers) == 2
-    assert all("cygrpc" in Path(f"/proc/{pid}/maps").read_text() for pid in workers)
+    assert len(workers) == 2 and not any("cygrpc" in maps(pid) for pid in workers)
+    (grpc_pid,) = server.grpc_pids()
+    assert "cygrpc" in maps(grpc_pid)
     assert server.listening_ports() == {server.port, server.grpc_port}
 
 
@@ -278,6 +283,42 @@ def test_grpc_port_zero_disables_it(model_repo: Path, tmp_path: Path) -> None:
         stop_server(live)
 
 
+def test_sigterm_drains_and_stops_the_grpc_process(model_repo: Path, tmp_path: Path) -> None:
+    model = model_repo / "clf" / "1" / "model.onnx"
+    args = [str(model), "--model-name", "clf", "--workers", "1", "--drain-seconds", "1"]
+    live = start_server(args, tmp_path / "serve.log", {}, grpc=True)
+    try:
+        (grpc_pid,) = live.grpc_pids()
+        c = client(live)
+        assert c.is_server_ready()
+        live.proc.send_signal(signal.SIGTERM)
+        assert wait_for(lambda: not c.is_server_ready(), timeout=5)  # it follows the state
+        assert c.infer("clf", [raw_input(X)]).as_numpy("probabilities").shape == (3, 3)
+        c.close()
+        assert live.proc.wait(timeout=30) == 0
+        assert gone(grpc_pid)  # stopped with the workers
+    finally:
+        stop_server(live)
+
+
+def test_a_grpc_process_does_not_outlive_a_killed_master(model_repo: Path, tmp_path: Path) -> None:
+    model = model_repo / "foreign" / "1" / "model.onnx"
+    live = start_server([str(model), "--workers", "1"], tmp_path / "serve.log", {}, grpc=True)
+    (grpc_pid,) = live.grpc_pids()
+    live.proc.kill()  # no stop for the children: they must notice the master is gone
+    live.proc.wait()
+    assert wait_for(lambda: gone(grpc_pid), timeout=10)
+    assert "the gunicorn master is gone" in live.log()
+
+
+def gone(pid: int) -> bool:
+    """Exited: reaped, or a zombie (its command line reads empty)."""
+    try:
+        return not Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True
+
+
 # --- explicit model control, a token, a raw-column model ---------------------------------------
 
 
@@ -291,7 +332,7 @@ def control(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     tokens = tmp / "tokens"
     tokens.write_text(TOKEN + "\n")
     live = start_server(
-        [str(repo), "--workers", "2", "--model-control", "explicit", "--token-file", str(tokens)],
+        [str(repo), *("--model-control", "explicit", "--token-file", str(tokens)), *GRPC_X2],
         tmp / "serve.log",
         {},
         grpc=True,
@@ -318,10 +359,10 @@ def test_token_needed_except_for_health(control: LiveServer) -> None:
     assert c.infer("clf", [raw_input(X)], headers=AUTH).as_numpy("probabilities").shape == (3, 3)
 
 
-def test_load_and_unload_follow_every_worker(control: LiveServer) -> None:
+def test_load_and_unload_follow_every_process(control: LiveServer) -> None:
     c = client(control)
     c.unload_model("spare", headers=AUTH)
-    # new channels spread over both workers (SO_REUSEPORT): each follows the published state
+    # new connections spread over both gRPC processes (SO_REUSEPORT): each follows the state
     for _ in range(6):
         with tg.InferenceServerClient(control.grpc_url) as other:
             code, message = status(other.is_model_ready, "spare", headers=AUTH)
@@ -367,3 +408,14 @@ def test_raw_column_model_with_bytes_inputs(control: LiveServer, tmp_path: Path)
         stub(control).ModelInfer(request, metadata=tuple(AUTH.items()))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "a categorical column takes BYTES" in caught.value.details()
+
+
+def test_a_dead_grpc_process_is_replaced(control: LiveServer) -> None:
+    pids = control.grpc_pids()
+    assert len(pids) == 2
+    os.kill(pids[0], signal.SIGKILL)
+    assert wait_for(lambda: len(set(control.grpc_pids()) - set(pids)) == 1, timeout=30)
+    for _ in range(6):  # whichever process a new connection reaches answers
+        with tg.InferenceServerClient(control.grpc_url) as other:
+            assert other.is_model_ready("clf", headers=AUTH)
+    assert f"gRPC process {pids[0]} exited" in control.log()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -13,6 +14,7 @@ import numpy as np
 import orjson
 import pytest
 from google.protobuf import descriptor_pb2
+from gunicorn.errors import HaltServer
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from bnserve import errors as base_errors
@@ -22,6 +24,7 @@ from bnserve.service.auth import BearerAuth
 from bnserve.service.config import ServiceConfig
 from bnserve.service.gateway import Gateway
 from bnserve.service.grpc_server import GrpcServer
+from bnserve.service.gunicorn_conf import GrpcProcesses
 from bnserve.service.registry import ModelRegistry
 from bnserve.service.repository import find_models
 from tests.service.support import N_FEATURES, build_mlp_classifier, free_port
@@ -208,7 +211,7 @@ def grpc_server(worker: grpc_api.Worker) -> object:
     channel = grpc.insecure_channel(f"127.0.0.1:{config.grpc_port}")
     yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
     channel.close()
-    server.close()
+    server.stop(0).wait()
 
 
 def call(method, message, token: str | None = "token-123456") -> tuple[str, object]:
@@ -254,3 +257,17 @@ def test_a_bug_is_internal_and_the_server_keeps_serving(grpc_server, monkeypatch
     code, details = call(grpc_server.ServerMetadata, service_pb2.ServerMetadataRequest())
     assert code == "INTERNAL" and details == "internal error: ZeroDivisionError"
     assert call(grpc_server.ServerLive, service_pb2.ServerLiveRequest())[0] == "OK"
+
+
+def test_a_grpc_process_that_cannot_start_halts_the_server(tmp_path: Path) -> None:
+    """The master's side (service/gunicorn_conf.py): a gRPC process that exits with the boot
+    error (here: no runtime directory) halts the server, as a worker that cannot boot does."""
+    config = ServiceConfig(runtime_dir=str(tmp_path / "missing"), grpc_port=free_port())
+    processes = GrpcProcesses(config)
+    processes.start()
+    deadline = time.monotonic() + 60
+    with pytest.raises(HaltServer, match="the gRPC server failed to start"):
+        while time.monotonic() < deadline:
+            processes.reap()
+            time.sleep(0.1)
+    assert not processes.procs
