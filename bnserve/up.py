@@ -42,7 +42,7 @@ def up_parser() -> argparse.ArgumentParser:
         "--grpc-port",
         type=int,
         default=None,
-        help="Open Inference Protocol over gRPC (default: bnserve serve's, 8001; 0: none)",
+        help="Open Inference Protocol over gRPC (default: bnserve serve's --grpc-port; 0: none)",
     )
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     p.add_argument("--workers", type=int, default=None, help="default: one per core")

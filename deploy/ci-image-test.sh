@@ -159,7 +159,8 @@ phase "API checks"
 
 phase "gRPC checks"
 # The image's own grpc and message classes, inside the container: readiness, metadata and one
-# inference of an all-zero image through inference.GRPCInferenceService.
+# inference of an all-zero image through inference.GRPCInferenceService. No waiting: HTTP
+# readiness (above) says yes only once a gRPC process serves.
 docker exec -e GRPC_PORT="$GRPC_PORT" -e MODEL_NAME="$MODEL_NAME" "$CID" python -c '
 import os, grpc, numpy as np
 from bnserve.service import grpc_messages as pb

@@ -77,9 +77,9 @@ GRPC_STATUS = {
     403: "PERMISSION_DENIED",  # model control is off
     404: "NOT_FOUND",
     408: "DEADLINE_EXCEEDED",
-    413: "RESOURCE_EXHAUSTED",  # over --max-batch; grpc itself refuses an over-size message so
+    413: "RESOURCE_EXHAUSTED",  # over --max-batch (grpc answers a message over the size limit so)
     500: "INTERNAL",
-    503: "UNAVAILABLE",  # the model is not loaded (yet), or the server is draining
+    503: "UNAVAILABLE",  # the model version is not loaded (yet)
     504: "DEADLINE_EXCEEDED",  # a load or unload still running
 }
 

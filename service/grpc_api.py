@@ -79,8 +79,7 @@ def server_live(request: Any, worker: Worker) -> Any:
 
 
 def server_ready(request: Any, worker: Worker) -> Any:
-    registry = worker.registry
-    return pb.ServerReadyResponse(ready=registry.ready and not registry.draining)
+    return pb.ServerReadyResponse(ready=worker.registry.ready_to_serve)
 
 
 def model_ready(request: Any, worker: Worker) -> Any:

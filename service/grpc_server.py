@@ -173,9 +173,11 @@ def serve(runtime_dir: str, poll: float = 1.0) -> int:
         signal.signal(number, lambda *_: stopping.set())
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads reach us through the state
     try:
-        config = ModelStore(runtime_dir).config()
+        store = ModelStore(runtime_dir)
+        config = store.config()
         configure_logging(config.log_level)
         server = GrpcServer(create_app(config).wsgi_app, config)
+        store.set_grpc_serving()  # readiness may now say yes
     except Exception:  # no state, no models, a port it cannot bind: the master halts
         log.exception("the gRPC server cannot start")
         return GRPC_BOOT_ERROR

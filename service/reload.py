@@ -122,6 +122,14 @@ class ModelStore:
 
         self.update(drain)
 
+    def set_grpc_serving(self) -> None:
+        """A gRPC process serves: readiness may say yes (once; a restarted one changes nothing)."""
+
+        def serving(state: dict[str, Any]) -> bool:
+            return bool(state.pop("grpc_starting", False))
+
+        self.update(serving)
+
     # -- copies by content hash -------------------------------------------------------------
 
     def keep(self, source: Path) -> tuple[Path, str]:
@@ -166,6 +174,9 @@ class ModelStore:
         state = {
             "generation": 0,
             "draining": False,
+            # until a gRPC process serves, readiness says no: a client that waits for it
+            # must find both protocols answering (service/grpc_server.py announces itself)
+            "grpc_starting": bool(config.grpc_port),
             "models": models,
             "unloaded": {},
             "tokens_sha256": self.keep_tokens(tokens) if tokens else None,

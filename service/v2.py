@@ -257,7 +257,7 @@ def live_route(call: Call) -> Answer:
 
 def ready_route(call: Call) -> Answer:
     registry = call.registry
-    ready = registry.ready and not registry.draining
+    ready = registry.ready_to_serve
     return json_answer(dumps({"ready": ready}), 200 if ready else 503)
 
 

@@ -4,6 +4,7 @@ code table, and one worker's gRPC server in this process (states no healthy serv
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -18,14 +19,17 @@ from gunicorn.errors import HaltServer
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from bnserve import errors as base_errors
+from bnserve.errors import UsageError
 from bnserve.service import errors, grpc_api, v2
 from bnserve.service import grpc_messages as pb
 from bnserve.service.auth import BearerAuth
+from bnserve.service.cli import check_grpc_port, config_from_args
 from bnserve.service.config import ServiceConfig
 from bnserve.service.gateway import Gateway
 from bnserve.service.grpc_server import GrpcServer
 from bnserve.service.gunicorn_conf import GrpcProcesses
 from bnserve.service.registry import ModelRegistry
+from bnserve.service.reload import ModelStore
 from bnserve.service.repository import find_models
 from tests.service.support import N_FEATURES, build_mlp_classifier, free_port
 
@@ -271,3 +275,38 @@ def test_a_grpc_process_that_cannot_start_halts_the_server(tmp_path: Path) -> No
             processes.reap()
             time.sleep(0.1)
     assert not processes.procs
+
+
+def test_readiness_waits_for_a_grpc_process(tmp_path: Path) -> None:
+    """With --grpc-port, readiness says no until a gRPC process announces that it serves (a
+    client waiting for readiness finds both protocols answering); once is enough."""
+    model = build_mlp_classifier(tmp_path / "m.onnx")
+    config = ServiceConfig(model=str(model), grpc_port=free_port(), runtime_dir=str(tmp_path))
+    store = ModelStore(tmp_path)
+    store.init(find_models(str(model), None), config)
+    registry = ModelRegistry({})
+    registry.apply_state(store.read(), "cpu", 1, "auto")
+    assert registry.ready and not registry.ready_to_serve
+    store.set_grpc_serving()
+    registry.apply_state(store.read(), "cpu", 1, "auto")
+    assert registry.ready_to_serve
+    store.set_grpc_serving()  # a restarted gRPC process changes nothing
+    assert store.read()["generation"] == 1
+
+
+def test_grpc_port_option_and_its_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("BNSERVE_GRPC_PORT", "BNSERVE_GRPC_WORKERS"):
+        monkeypatch.delenv(name, raising=False)
+    assert config_from_args(["m.onnx"]).grpc_port == 8001
+    assert config_from_args(["m.onnx", "--grpc-workers", "2"]).grpc_workers == 2
+    monkeypatch.setenv("BNSERVE_GRPC_PORT", "0")
+    assert config_from_args(["m.onnx"]).grpc_port == 0
+    check_grpc_port(ServiceConfig(grpc_port=0))  # off: nothing to check
+    with pytest.raises(UsageError, match="is also the HTTP --port"):
+        check_grpc_port(ServiceConfig(port=9000, grpc_port=9000))
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        with pytest.raises(UsageError, match=f"--grpc-port {taken}: cannot listen on"):
+            check_grpc_port(ServiceConfig(host="127.0.0.1", grpc_port=taken))
