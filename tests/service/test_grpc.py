@@ -1,6 +1,8 @@
-"""The Open Inference Protocol over gRPC against live `bnserve serve` processes (gunicorn, gevent
-workers), with the real `tritonclient.grpc` client (and its own generated stubs where a request
-needs typed contents, which tritonclient never sends)."""
+"""The Open Inference Protocol over gRPC against live `bnserve serve` processes (the gunicorn
+master, its gevent workers and its gRPC processes), with the real `tritonclient.grpc` client
+(and its own generated stubs where a request needs typed contents, which tritonclient never
+sends): every method, errors and their status codes, auth, model control, a raw-column model,
+and the gRPC processes' lifecycle (restart, drain, stop, a killed master)."""
 
 from __future__ import annotations
 
