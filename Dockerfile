@@ -1,7 +1,8 @@
-# bnserve: BN MLP trained in numpy, folded into ONNX, served over HTTP by gunicorn + onnxruntime.
+# bnserve: BN MLP trained in numpy, folded into ONNX, served over HTTP (and gRPC) by gunicorn +
+# onnxruntime.
 #
 #   docker build -t bnserve .
-#   docker run --rm -p 8000:8000 --read-only --tmpfs /tmp bnserve
+#   docker run --rm -p 8000:8000 -p 8001:8001 --read-only --tmpfs /tmp bnserve
 #
 # Stages: "model" installs the package with the train extra, trains the default digits model and
 # converts it (the converter's parity gate verifies the ONNX file against the checkpoint); "venv"
@@ -56,7 +57,7 @@ RUN python -m venv --without-pip /opt/venv \
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="bnserve" \
-      org.opencontainers.image.description="BN MLP classifier served over HTTP (simple JSON API and Open Inference Protocol v2)" \
+      org.opencontainers.image.description="BN MLP classifier served over HTTP (simple JSON API and Open Inference Protocol v2) and gRPC (Open Inference Protocol)" \
       org.opencontainers.image.licenses="MIT"
 # Configuration: the same variables `bnserve serve` reads (its flags win). HOME points at the
 # writable /tmp so that nothing tries to write into the read-only root filesystem; the metrics
@@ -68,6 +69,7 @@ ENV PATH="/opt/venv/bin:${PATH}" \
     BNSERVE_MODEL=/models \
     BNSERVE_HOST=0.0.0.0 \
     BNSERVE_PORT=8000 \
+    BNSERVE_GRPC_PORT=8001 \
     BNSERVE_DEVICE=cpu \
     BNSERVE_WORKER_CLASS=gevent \
     BNSERVE_LOG_LEVEL=info \
@@ -76,7 +78,7 @@ COPY --from=venv /opt/venv /opt/venv
 COPY --from=model /models /models
 WORKDIR /tmp
 USER 10001:10001
-EXPOSE 8000
+EXPOSE 8000 8001
 VOLUME ["/models"]
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/v2/health/ready' % os.environ.get('BNSERVE_PORT', '8000'), timeout=2)"]

@@ -13,12 +13,23 @@ and bnserve with `--worker-class sync`, while a normal client POSTs /predict eve
 
     python bench/serve.py            # 3 rounds of 5 s per cell, then 20 s of slow clients
     python bench/serve.py --quick    # 2 rounds of 2 s
+
+With `--grpc` it measures the Open Inference Protocol over gRPC instead: bnserve's default (2
+gevent workers and one gRPC process) and `--grpc-workers 2`, each answering `POST
+/v2/models/mlp/infer` (JSON, wrk, kept-alive connections) and gRPC `ModelInfer` (raw FP32
+contents, as tritonclient.grpc sends them) from a closed-loop grpc.aio client with N concurrent
+calls, each on its own HTTP/2 connection (like wrk's N connections). The two clients differ (wrk
+is C, the gRPC client Python, both at the same nice level on the same machine), so the server
+CPU per request (all of bnserve's processes) is the figure to compare across protocols.
+
+    python bench/serve.py --grpc [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import http.client
 import itertools
 import json
@@ -74,6 +85,11 @@ def build_model(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def python_path() -> str:
+    """PYTHONPATH for the servers and clients: this checkout, after any PYTHONPATH already set."""
+    return os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -83,6 +99,7 @@ def free_port() -> int:
 class Server:
     def __init__(self, name: str, argv: list[str], port: int, env: dict[str, str], log: Path):
         self.name, self.port = name, port
+        self.grpc_port = 0
         self.proc = subprocess.Popen(
             argv, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT
         )
@@ -195,6 +212,33 @@ def measure_route(
     return result
 
 
+def stop_all(servers: list[Server], tmp: Path) -> tuple[float, float, float]:
+    """Stop the servers, remove the files; the load average (printed) before stopping."""
+    load = os.getloadavg()
+    for server in servers:
+        server.stop()
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"\nload average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    return load
+
+
+def cell(results: dict[tuple, list[dict]], key: tuple) -> dict[str, float]:
+    """req/s, p99 and CPU per request of one cell: medians over the rounds."""
+    return {field: median(results, key, field) for field in ("rps", "p99_ms", "cpu_ms")}
+
+
+def table_header(columns: str) -> None:
+    """A Markdown table's header for comma-separated `columns`."""
+    names = columns.split(", ")
+    print("| " + " | ".join(names) + " |")
+    print("|" + "---|" * len(names))
+
+
+def median(results: dict[tuple, list[dict]], key: tuple, field: str) -> float:
+    """The median of `field` over the rounds of one cell."""
+    return statistics.median(r[field] for r in results[key])
+
+
 def machine() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
@@ -282,6 +326,7 @@ def start_servers(tmp: Path, model: Path, env: dict[str, str]) -> list[Server]:
         "bench.flask_baseline:app",
     ]
     serve = [sys.executable, "-m", "bnserve", "serve", str(model), "--workers", "2"]
+    serve += ["--grpc-port", "0"]
     return [
         Server("flask baseline", baseline, base_port, env, tmp / "baseline.log"),
         Server("bnserve", [*serve, "--port", str(prod_port)], prod_port, env, tmp / "b.log"),
@@ -293,6 +338,162 @@ def start_servers(tmp: Path, model: Path, env: dict[str, str]) -> list[Server]:
             tmp / "bsync.log",
         ),
     ]
+
+
+# --- gRPC ---------------------------------------------------------------------------------------
+
+PROTOCOLS = ("http", "grpc")
+GRPC_SERVERS = {  # name -> extra `bnserve serve` flags
+    "default": ["--workers", "2"],
+    "--grpc-workers 2": ["--workers", "2", "--grpc-workers", "2"],
+}
+
+
+def grpc_client(port: int, calls: int, seconds: float) -> dict:
+    """Closed loop: `calls` concurrent ModelInfer calls, each on its own connection, for
+    `seconds`; req/s, p50/p99 and errors (run in its own process: `--grpc-client`)."""
+    import asyncio
+
+    import grpc
+
+    from bnserve.service import grpc_messages as pb
+
+    request = pb.ModelInferRequest(model_name="mlp")
+    request.inputs.add(name="input", datatype="FP32", shape=[1, LAYERS[0]])
+    x = np.random.default_rng(1).normal(size=(1, LAYERS[0])).round(4).astype(np.float32)
+    request.raw_input_contents.append(x.tobytes())
+    path = f"/{pb.SERVICE.full_name}/ModelInfer"
+
+    async def run() -> dict:
+        options = [("grpc.use_local_subchannel_pool", 1)]  # a connection per channel
+        channels = [
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) for _ in range(calls)
+        ]
+        stubs = [
+            c.unary_unary(
+                path,
+                request_serializer=pb.ModelInferRequest.SerializeToString,
+                response_deserializer=pb.ModelInferResponse.FromString,
+            )
+            for c in channels
+        ]
+        for stub in stubs:  # the gRPC process binds once it has loaded the model
+            await stub(request, wait_for_ready=True, timeout=60)
+        latencies: list[float] = []
+        errors = 0
+        loop = asyncio.get_running_loop()
+        stop = loop.time() + seconds
+
+        async def one(stub) -> None:
+            nonlocal errors
+            while loop.time() < stop:
+                start = time.perf_counter()
+                try:
+                    await stub(request)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+                    continue
+                latencies.append(time.perf_counter() - start)
+
+        began = time.perf_counter()
+        await asyncio.gather(*(one(stub) for stub in stubs))
+        elapsed = time.perf_counter() - began
+        for c in channels:
+            await c.close()
+        latencies.sort()
+        return {
+            "requests": len(latencies),
+            "rps": len(latencies) / elapsed,
+            "p50_ms": 1e3 * latencies[len(latencies) // 2],
+            "p99_ms": 1e3 * latencies[int(len(latencies) * 0.99)],
+            "errors": errors,
+        }
+
+    return asyncio.run(run())
+
+
+def load_grpc(server: Server, calls: int, seconds: float) -> dict:
+    cpu0 = server.cpu_seconds()
+    client = [sys.executable, __file__, "--grpc-client", str(server.grpc_port)]
+    out = subprocess.run(
+        [*CLIENT_PREFIX, *client, str(calls), str(seconds)],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=True,
+        env={**os.environ, "PYTHONPATH": python_path()},
+    ).stdout
+    result = json.loads(out)
+    result["cpu_ms"] = 1e3 * (server.cpu_seconds() - cpu0) / max(1, result["requests"])
+    return result
+
+
+def grpc_main(args: argparse.Namespace, rounds: int, seconds: float, levels: list[int]) -> int:
+    """gRPC ModelInfer against HTTP V2 infer on the same servers (see the module docstring)."""
+    tmp = Path(tempfile.mkdtemp(prefix="bnserve-bench-grpc-"))
+    model = build_model(tmp / "mlp.onnx")
+    script = wrk_script(tmp / "v2.lua", INFER_BODY, close=False)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BNSERVE_", "PROMETHEUS_"))}
+    env["PYTHONPATH"] = python_path()
+    servers: list[Server] = []
+    results: dict[tuple, list[dict]] = {}
+    try:
+        for i, (name, flags) in enumerate(GRPC_SERVERS.items()):
+            port, grpc_port = free_port(), free_port()
+            argv = [sys.executable, "-m", "bnserve", "serve", str(model), *flags]
+            argv += ["--port", str(port), "--grpc-port", str(grpc_port)]
+            server = Server(name, argv, port, env, tmp / f"grpc-{i}.log")
+            server.grpc_port = grpc_port
+            servers.append(server)
+        for server in servers:  # warm every worker on both protocols
+            for _ in range(200):
+                post(server.port, INFER_BODY, "/v2/models/mlp/infer")
+            load_grpc(server, 4, 1.0)
+        print(
+            f"machine: {machine()}; clients: wrk -t1 and a grpc.aio client at nice "
+            f"{args.client_nice}; {rounds} rounds of {seconds:g} s; load average before "
+            f"{os.getloadavg()}"
+        )
+        for r in range(rounds):
+            for calls in levels:
+                for server in servers if r % 2 == 0 else servers[::-1]:
+                    for protocol in PROTOCOLS:
+                        if protocol == "http":
+                            result = measure_route(
+                                server, "/v2/models/mlp/infer", calls, seconds, script
+                            )
+                        else:
+                            result = load_grpc(server, calls, seconds)
+                        results.setdefault((server.name, protocol, calls), []).append(result)
+                        print(
+                            f"  round {r + 1} {server.name:25s} {protocol:4s} c={calls:<3d} "
+                            f"{result['rps']:7.0f} req/s p50 {result['p50_ms']:.3f} ms "
+                            f"p99 {result['p99_ms']:.3f} ms cpu {result['cpu_ms']:.3f} ms/req "
+                            f"errors {result['errors']}",
+                            flush=True,
+                        )
+    finally:
+        load = stop_all(servers, tmp)
+    table = [
+        {"server": s.name, "concurrent": c, **{p: cell(results, (s.name, p, c)) for p in PROTOCOLS}}
+        for s in servers
+        for c in levels
+    ]
+    table_header(
+        "server, concurrent, HTTP V2 req/s, gRPC req/s, req/s ratio, HTTP p99 ms, gRPC p99 ms, "
+        "HTTP CPU ms/req, gRPC CPU ms/req, CPU ratio"
+    )
+    for row in table:
+        http, grpc_ = row["http"], row["grpc"]
+        print(
+            f"| {row['server']} | {row['concurrent']} | {http['rps']:.0f} | {grpc_['rps']:.0f} "
+            f"| {grpc_['rps'] / http['rps']:.2f}x | {http['p99_ms']:.2f} "
+            f"| {grpc_['p99_ms']:.2f} | {http['cpu_ms']:.3f} | {grpc_['cpu_ms']:.3f} "
+            f"| {grpc_['cpu_ms'] / http['cpu_ms']:.2f}x |"
+        )
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine(), "load": load, "grpc": table}))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -314,7 +515,17 @@ def main(argv: list[str] | None = None) -> int:
         "client. Both servers are measured the same way.",
     )
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument(
+        "--grpc", action="store_true", help="gRPC ModelInfer against HTTP V2 infer instead"
+    )
+    p.add_argument(
+        "--grpc-client", nargs=3, metavar=("PORT", "CALLS", "SECONDS"), help=argparse.SUPPRESS
+    )
     args = p.parse_args(argv)
+    if args.grpc_client:
+        port, calls, secs = args.grpc_client
+        print(json.dumps(grpc_client(int(port), int(calls), float(secs))))
+        return 0
     CLIENT_PREFIX[:] = ["nice", "-n", str(args.client_nice)] if args.client_nice else []
     rounds, seconds = (2, 2.0) if args.quick else (args.rounds, args.seconds)
     levels = [int(c) for c in args.connections.split(",")]
@@ -322,13 +533,15 @@ def main(argv: list[str] | None = None) -> int:
         print("this benchmark needs wrk (apt-get install wrk)", file=sys.stderr)
         return 2
 
-    tmp = Path(tempfile.mkdtemp(prefix="bnserve-bench-"))
-    model = build_model(tmp / "mlp.onnx")
     x = np.random.default_rng(1).normal(size=LAYERS[0]).round(4).tolist()
     BODY = json.dumps({"features": x}).encode()
     INFER_BODY = json.dumps(
         {"inputs": [{"name": "input", "shape": [1, LAYERS[0]], "datatype": "FP32", "data": x}]}
     ).encode()
+    if args.grpc:
+        return grpc_main(args, rounds, seconds, levels)
+    tmp = Path(tempfile.mkdtemp(prefix="bnserve-bench-"))
+    model = build_model(tmp / "mlp.onnx")
     bodies = {"/predict": BODY, "/v2/models/mlp/infer": INFER_BODY}
     scripts = {
         (route, mode): wrk_script(
@@ -338,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, mode in enumerate(MODES)
     }
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BNSERVE_", "PROMETHEUS_"))}
-    env["PYTHONPATH"] = str(ROOT)
+    env["PYTHONPATH"] = python_path()
     env["BENCH_MODEL"] = str(model)
     servers: list[Server] = []
     results: dict[tuple, list[dict]] = {}
@@ -378,21 +591,13 @@ def main(argv: list[str] | None = None) -> int:
         for server in servers:
             slow[server.name] = slowloris(server.port, 50, args.slowloris_seconds)
             print(f"  {server.name:15s} {slow[server.name]}", flush=True)
-        load = os.getloadavg()
     finally:
-        for server in servers:
-            server.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
-
-    def med(key: tuple, field: str) -> float:
-        return statistics.median(r[field] for r in results[key])
-
-    print(f"\nload average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    print(
-        "| route | connections | concurrent | baseline req/s | bnserve req/s | req/s ratio "
-        "| baseline p99 ms | bnserve p99 ms | p99 ratio | CPU/request ratio |"
+        load = stop_all(servers, tmp)
+    med = functools.partial(median, results)
+    table_header(
+        "route, connections, concurrent, baseline req/s, bnserve req/s, req/s ratio, "
+        "baseline p99 ms, bnserve p99 ms, p99 ratio, CPU/request ratio"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
     table = []
     for route, mode in scripts:
         for c in levels:

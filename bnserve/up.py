@@ -38,6 +38,12 @@ def up_parser() -> argparse.ArgumentParser:
     p.add_argument("--retrain", action="store_true", help="train again even if a checkpoint exists")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--grpc-port",
+        type=int,
+        default=None,
+        help="Open Inference Protocol over gRPC (default: bnserve serve's --grpc-port; 0: none)",
+    )
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     p.add_argument("--workers", type=int, default=None, help="default: one per core")
     return p
@@ -100,6 +106,8 @@ def up_main(argv: list[str]) -> int:
     name = args.data.split(":", 1)[-1].rsplit("/", 1)[-1].split(".")[0] or "model"
     serve = [str(model), "--model-name", name, "--host", args.host, "--port", str(args.port)]
     serve += ["--device", args.device]
+    if args.grpc_port is not None:
+        serve += ["--grpc-port", str(args.grpc_port)]
     if args.workers is not None:
         serve += ["--workers", str(args.workers)]
     _run(["serve", *serve])

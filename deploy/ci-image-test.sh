@@ -13,8 +13,9 @@
 #  4. builds the image (BuildKit via Debian's /usr/bin/docker, and/or the legacy builder);
 #  5. checks the image: no trainer libraries, compilers or pip cache in it;
 #  6. runs it read-only as its non-root user on the host's loopback, waits for health, sends
-#     /predict and a V2 infer and checks the answers, checks the user, the health check and that
-#     SIGTERM reaches the gunicorn master;
+#     /predict and a V2 infer and checks the answers, asks for readiness, metadata and an
+#     inference over gRPC, checks the user, the health check and that SIGTERM reaches the
+#     gunicorn master;
 #  7. `docker stop`s it under load and checks that it drains and exits 0 within the grace period;
 #  8. stops dockerd by its PID and removes everything it left (trap: on failure too).
 #
@@ -139,12 +140,15 @@ print("runtime image: serving install only; default model present; uid", os.getu
 '
 
 phase "run read-only"
-PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+PORT=$(free_port)
+GRPC_PORT=$(free_port)
 URL="http://127.0.0.1:$PORT"
 # --network host: the container shares the host's network, so it must listen on loopback only.
 CID=$(docker run -d --network host --read-only --tmpfs /tmp:rw,nosuid,nodev,size=64m \
     --health-interval 2s --health-start-period 60s \
-    -e BNSERVE_HOST=127.0.0.1 -e BNSERVE_PORT="$PORT" -e BNSERVE_WORKERS=2 \
+    -e BNSERVE_HOST=127.0.0.1 -e BNSERVE_PORT="$PORT" -e BNSERVE_GRPC_PORT="$GRPC_PORT" \
+    -e BNSERVE_WORKERS=2 \
     -e BNSERVE_DRAIN_SECONDS="$DRAIN" \
     "$IMAGE")
 bn_log "container ${CID:0:12} on $URL"
@@ -152,6 +156,34 @@ bn_log "container ${CID:0:12} on $URL"
 
 phase "API checks"
 "$PY" "$here/check_container.py" api --url "$URL" --model "$MODEL_NAME"
+
+phase "gRPC checks"
+# The image's own grpc and message classes, inside the container: readiness, metadata and one
+# inference of an all-zero image through inference.GRPCInferenceService. No waiting: HTTP
+# readiness (above) says yes only once a gRPC process serves.
+docker exec -e GRPC_PORT="$GRPC_PORT" -e MODEL_NAME="$MODEL_NAME" "$CID" python -c '
+import os, grpc, numpy as np
+from bnserve.service import grpc_messages as pb
+channel = grpc.insecure_channel("127.0.0.1:" + os.environ["GRPC_PORT"])
+def call(method, request):
+    service = pb.SERVICE.methods_by_name[method]
+    stub = channel.unary_unary(f"/{pb.SERVICE.full_name}/{method}",
+        request_serializer=pb.message(service.input_type.name).SerializeToString,
+        response_deserializer=pb.message(service.output_type.name).FromString)
+    return stub(request, timeout=10)
+name = os.environ["MODEL_NAME"]
+assert call("ServerReady", pb.message("ServerReadyRequest")()).ready
+meta = call("ModelMetadata", pb.message("ModelMetadataRequest")(name=name))
+(spec,) = meta.inputs
+features = spec.shape[1]
+request = pb.ModelInferRequest(model_name=name)
+request.inputs.add(name=spec.name, datatype="FP32", shape=[1, features])
+request.raw_input_contents.append(np.zeros((1, features), np.float32).tobytes())
+response = call("ModelInfer", request)
+scores = np.frombuffer(response.raw_output_contents[0], np.float32)
+assert abs(float(scores.sum()) - 1.0) < 1e-4, scores
+print(f"gRPC: ready, {name} v{response.model_version} answered {len(scores)} scores")
+'
 
 phase "process checks"
 docker exec "$CID" python -c '
@@ -169,7 +201,10 @@ workers = [p for p in pids if p != 1 and status(p)[2] == "1"]
 assert workers, "pid 1 has no worker processes"
 # onnxruntime starts threads when imported; a worker forked from a master that imported it hangs
 # at exit (a condition variable copied mid-wait), and docker stop then ends in SIGKILL.
-assert "onnxruntime" not in open("/proc/1/maps").read(), "the gunicorn master loaded onnxruntime"
+maps = open("/proc/1/maps").read()
+assert "onnxruntime" not in maps, "the gunicorn master loaded onnxruntime"
+# grpc starts threads too: only the workers load it, after the fork
+assert "cygrpc" not in maps, "the gunicorn master loaded grpc"
 try:
     open("/opt/venv/probe", "w")
     raise SystemExit("the root filesystem is writable")

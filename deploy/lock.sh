@@ -34,6 +34,13 @@ else
     cp locks/serve-cuda.txt "$tmp/serve-cuda.txt"
 fi
 
+# uv keeps the versions already in an output file where they still fit: start from the committed
+# locks, so a new dependency moves only what it must (UPGRADE=1 re-resolves everything).
+if [[ ${UPGRADE:-0} != 1 ]]; then
+    cp constraints.txt "$tmp/constraints.txt"
+    cp locks/serve.txt "$tmp/serve.txt"
+    cp locks/serve-cuda.txt "$tmp/serve-cuda.txt"
+fi
 "$uv" pip compile pyproject.toml --extra train --extra test --extra dask --extra otel --python-version 3.11 \
     "${common[@]}" --no-annotate -o "$tmp/constraints.txt"
 {

@@ -5,7 +5,8 @@ skipped). A request must send `Authorization: Bearer <token>`; tokens are compar
 `hmac.compare_digest` (constant time, so the answer time says nothing about how much of a guess
 was right), each candidate against every token. Which paths stay open (liveness and readiness:
 probes carry no token; `/metrics` when `--public-metrics` is given) is declared in the route
-table (service/api.py, `Route.access`).
+table (service/api.py, `Route.access`); the gRPC methods take theirs from the same table
+(service/grpc_api.py). gRPC clients send the token as `authorization: Bearer <token>` metadata.
 """
 
 from __future__ import annotations
@@ -51,7 +52,11 @@ class BearerAuth:
         """None when allowed, else the WWW-Authenticate challenge to answer 401 with."""
         if environ.get("PATH_INFO") in self.open_paths:
             return None
-        header = environ.get("HTTP_AUTHORIZATION")
+        return self.challenge(environ.get("HTTP_AUTHORIZATION"))
+
+    def challenge(self, header: str | None) -> str | None:
+        """None when the `Authorization` value (HTTP header or gRPC `authorization` metadata)
+        carries a valid bearer token, else the challenge to answer with."""
         if not header:
             return CHALLENGE
         scheme, _, given = header.partition(" ")

@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from dataclasses import replace
@@ -24,6 +25,7 @@ from bnserve.service.config import (
     DEVICES,
     OUTPUT_KINDS,
     ServiceConfig,
+    bracketed,
     default_workers,
 )
 from bnserve.service.logs import configure_logging
@@ -93,6 +95,7 @@ def serve_main(argv: list[str]) -> int:
                 details["output_kind"],
                 details["device"],
             )
+    check_grpc_port(config)  # before anything starts: the gRPC processes bind it later
     config, cleanup = prepare_runtime(config, repository, probed)
     master = os.getpid()
     try:
@@ -101,6 +104,36 @@ def serve_main(argv: list[str]) -> int:
         if cleanup is not None and os.getpid() == master:  # workers leave through here too
             shutil.rmtree(cleanup, ignore_errors=True)
     return 0
+
+
+def check_grpc_port(config: ServiceConfig) -> None:
+    """Refuse to start when the gRPC port is taken (the gRPC processes bind it with SO_REUSEPORT
+    once they have loaded the models, service/grpc_server.py). The probe binds without
+    SO_REUSEPORT, so a port held by anything, another bnserve's gRPC processes included (they
+    would share it silently), is refused with a message, before the server starts."""
+    if not config.grpc_port:
+        return
+    if config.grpc_port == config.port:
+        raise UsageError(
+            f"--grpc-port {config.grpc_port} is also the HTTP --port: give gRPC its own port "
+            "(or --grpc-port 0 for none)"
+        )
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            config.host, config.grpc_port, type=socket.SOCK_STREAM
+        )[0]
+    except OSError as exc:
+        raise UsageError(f"--host {config.host}: {exc}") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise UsageError(
+                f"--grpc-port {config.grpc_port}: cannot listen on "
+                f"{bracketed(config.host)}:{config.grpc_port}: {exc.strerror} (another server "
+                "holds it? choose another port, or --grpc-port 0 for no gRPC server)"
+            ) from None
 
 
 def prepare_runtime(

@@ -25,6 +25,10 @@ MODEL_CONTROL_MODES = ("none", "explicit", "poll")
 #: Rows `bnserve predict` reads, scores and writes at a time (service/columnar.py).
 DEFAULT_CHUNK_ROWS = 65536
 
+# The exit status of a gRPC process that could not start serving: the master then halts, as
+# gunicorn does when a worker cannot boot (service/gunicorn_conf.py GrpcProcesses).
+GRPC_BOOT_ERROR = 3
+
 _CGROUP_V2_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 _CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
 _CGROUP_V1_PERIOD = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
@@ -67,6 +71,11 @@ def default_workers() -> int:
     return max(1, cores)
 
 
+def bracketed(host: str) -> str:
+    """`host` as it stands before `:port` in an address (an IPv6 literal in brackets)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     """Everything a worker needs to build the app; `model` is an .onnx file or a repository."""
@@ -83,6 +92,8 @@ class ServiceConfig:
     intra_op_threads: int = 1
     host: str = "127.0.0.1"
     port: int = 8000
+    grpc_port: int = 8001  # the Open Inference Protocol over gRPC; 0: no gRPC server
+    grpc_workers: int = 1  # gRPC processes (service/grpc_server.py)
     max_batch: int = 64
     max_body_bytes: int = 16 * 1024 * 1024
     output_kind: str = "auto"

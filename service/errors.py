@@ -3,8 +3,9 @@
 Handlers raise `BnserveError` subclasses (each carries its HTTP status). Whoever answers (the
 gateway's hot routes, the Flask handlers installed by service/app.py, gunicorn's own refusals of
 malformed HTTP in service/gunicorn_conf.py) writes `error_body(message)` under `status_line(code)`,
-so a client never sees an HTML page or a traceback, only `{"error": "..."}`. No Flask here: the
-gunicorn master imports this module.
+so a client never sees an HTML page or a traceback, only `{"error": "..."}`. The gRPC server
+(service/grpc_server.py) answers the same error with the status code `grpc_status(code)` and the
+message as its details. No Flask or grpc here: the gunicorn master imports this module.
 """
 
 from __future__ import annotations
@@ -66,6 +67,26 @@ class NotReadyError(BnserveError):
 
     exit_code = 1
     http_status = 503
+
+
+# The gRPC status code (a `grpc.StatusCode` name) of each HTTP status an error may carry: an error
+# is declared once, with its HTTP status, and answers gRPC clients with the code listed here.
+GRPC_STATUS = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",  # model control is off
+    404: "NOT_FOUND",
+    408: "DEADLINE_EXCEEDED",
+    413: "RESOURCE_EXHAUSTED",  # over --max-batch (grpc answers a message over the size limit so)
+    500: "INTERNAL",
+    503: "UNAVAILABLE",  # the model version is not loaded (yet)
+    504: "DEADLINE_EXCEEDED",  # a load or unload still running
+}
+
+
+def grpc_status(http_status: int) -> str:
+    """The gRPC status code name for an error answered over HTTP with `http_status`."""
+    return GRPC_STATUS.get(http_status, "INTERNAL" if http_status >= 500 else "UNKNOWN")
 
 
 def error_body(message: str) -> bytes:

@@ -29,8 +29,6 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import orjson
-
 from bnserve.errors import BnserveError
 from bnserve.service import tracing
 from bnserve.service.api import FIXED_PATHS, ROUTES
@@ -38,12 +36,13 @@ from bnserve.service.auth import BearerAuth
 from bnserve.service.body import TimedInput
 from bnserve.service.config import ServiceConfig
 from bnserve.service.errors import error_body, status_line
+from bnserve.service.logs import SANE_REQUEST_ID, AccessLog
 from bnserve.service.registry import ModelRegistry
+from bnserve.service.reload import StateFollower
 from bnserve.service.routes import Call, json_headers, match
 
 log = logging.getLogger("bnserve.service")
 
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 UNMATCHED = "unmatched"  # the route label of 404s: random paths must not become label values
 REQUEST_ID_HEADER = "X-Request-ID"
 # W3C trace context: version-trace_id-parent_id-flags, lowercase hex; all-zero ids are invalid.
@@ -62,47 +61,6 @@ def trace_of(header: str | None) -> tuple[str, str] | None:
     if version == "ff" or trace_id == _ZERO_TRACE or parent_id == _ZERO_SPAN:
         return None
     return trace_id, flags
-
-
-class AccessLog:
-    """One JSON object per line on stderr: time, request id, method, path, route, status, ms."""
-
-    def __init__(self, fd: int = 2) -> None:
-        self.fd = fd
-        self.pid = os.getpid()
-
-    def write(
-        self,
-        request_id: str,
-        method: str,
-        path: str,
-        route: str,
-        status: int,
-        seconds: float,
-        size: int,
-        trace_id: str | None = None,
-    ) -> None:
-        line = orjson.dumps(
-            {
-                "ts": round(time.time(), 3),
-                "level": "info",
-                "logger": "bnserve.access",
-                "request_id": request_id,
-                "trace_id": trace_id,
-                "method": method,
-                "path": path[:256],
-                "route": route,
-                "status": status,
-                "duration_ms": round(seconds * 1000.0, 3),
-                "bytes": size,
-                "pid": self.pid,
-            },
-            option=orjson.OPT_APPEND_NEWLINE,
-        )
-        try:  # noqa: SIM105 (suppress() costs more on the hot path)
-            os.write(self.fd, line)
-        except OSError:  # a closed stderr must not fail requests
-            pass
 
 
 class Gateway:
@@ -127,7 +85,7 @@ class Gateway:
         self.store = store
         self.openapi = openapi
         self.tracer = tracer  # OpenTelemetry (service/tracing.py), when OTEL_* asks for it
-        self._generation = store.generation_watch() if store is not None else None
+        self.follower = StateFollower(store, registry, config, auth) if store is not None else None
         self._cooperative = gevent_patched()
         self._prefix = os.urandom(6).hex() + "-"
         self._count = itertools.count(1)
@@ -137,7 +95,7 @@ class Gateway:
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         start = time.perf_counter()
         request_id = environ.get("HTTP_X_REQUEST_ID")
-        if request_id is None or _REQUEST_ID.fullmatch(request_id) is None:
+        if request_id is None or SANE_REQUEST_ID.fullmatch(request_id) is None:
             request_id = self._prefix + format(next(self._count), "x")
         environ["bnserve.request_id"] = request_id
         stream = environ.get("wsgi.input")
@@ -148,16 +106,12 @@ class Gateway:
                 time.monotonic() + self.config.body_timeout,
                 self._cooperative,
             )
-        if self.store is not None:
-            self._watch()
         span = None
         if self.tracer is not None:
             span = tracing.RequestSpan(
                 self.tracer, environ["REQUEST_METHOD"], environ.get("HTTP_TRACEPARENT")
             )
-        metrics = self.metrics
-        if metrics is not None:
-            metrics.in_flight.inc()
+        metrics = self.enter()
         try:
             code, headers, body, route = self._dispatch(environ)
         except Exception as exc:  # a bug: log it, answer JSON, keep serving
@@ -192,9 +146,20 @@ class Gateway:
                 status,
                 seconds,
                 len(body),
-                None if trace is None else trace[0],
+                trace_id=None if trace is None else trace[0],
             )
         return [body]
+
+    def enter(self) -> Any:
+        """Before answering a request (or a gRPC call, service/grpc_server.py): follow the
+        published state, count it in flight; returns the metrics whose `in_flight` to
+        decrement after it (None when not counting)."""
+        if self.follower is not None:
+            self.follower.follow()
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.in_flight.inc()
+        return metrics
 
     def _dispatch(self, environ: dict[str, Any]) -> tuple[int, list, bytes, str]:
         path = environ.get("PATH_INFO") or "/"
@@ -233,32 +198,6 @@ class Gateway:
         methods = ", ".join(m for m in allowed if m != "OPTIONS")
         body = error_body(f"method {method} is not allowed for {path} (allowed: {methods})")
         return 405, json_headers(body, allow), body, UNMATCHED
-
-    def _watch(self) -> None:
-        """Switch models (or tokens, or start draining) when a new state was published: one
-        shared-memory read per request (service/reload.py)."""
-        generation = self._generation.current()
-        if generation == self.registry.generation:
-            return
-        try:
-            state = self.store.read()
-        except (OSError, ValueError) as exc:
-            log.error("cannot read the model state %s: %s", self.store.state_path, exc)
-            return
-        config = self.config
-        tokens_before = self.registry.tokens_sha256
-        self.registry.apply_state(state, config.device, config.intra_op_threads, config.output_kind)
-        if self.auth is not None and self.registry.tokens_sha256 != tokens_before:
-            self._reload_tokens()
-
-    def _reload_tokens(self) -> None:
-        """The master validated the new token file before publishing it: read its copy."""
-        try:
-            self.auth.tokens = self.store.read_tokens()
-        except OSError as exc:  # keep the tokens in force rather than open or lock out
-            log.error("cannot read the new tokens %s: %s", self.store.tokens_path, exc)
-            return
-        log.info("bearer tokens reloaded (%d token(s))", len(self.auth.tokens))
 
 
 def gevent_patched() -> bool:

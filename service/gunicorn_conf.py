@@ -20,8 +20,9 @@ from typing import Any
 from gunicorn import util
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
+from gunicorn.errors import HaltServer
 
-from bnserve.service.config import ServiceConfig
+from bnserve.service.config import GRPC_BOOT_ERROR, ServiceConfig, bracketed
 from bnserve.service.errors import error_body
 from bnserve.service.metrics import mark_dead
 from bnserve.service.reload import ModelStore, RepositoryPoller
@@ -45,13 +46,8 @@ LIMIT_REQUEST_FIELD_SIZE = 8190
 
 def gunicorn_settings(config: ServiceConfig) -> dict[str, Any]:
     """gunicorn settings for `config`: gevent workers by default (docs/serving.md says why)."""
-    host = (
-        f"[{config.host}]"
-        if ":" in config.host and not config.host.startswith("[")
-        else config.host
-    )
     settings: dict[str, Any] = {
-        "bind": [f"{host}:{config.port}"],
+        "bind": [f"{bracketed(config.host)}:{config.port}"],
         "workers": config.workers,
         "threads": config.threads,
         "worker_class": WORKER_CLASSES[config.worker_class],
@@ -128,6 +124,81 @@ def child_exit(server: Any, worker: Any) -> None:
     mark_dead(worker.pid)
 
 
+class GrpcProcesses:
+    """The gRPC processes (`python -m bnserve.service.grpc_server RUNTIME_DIR`, --grpc-workers of
+    them), kept by the master as it keeps its workers: started once gunicorn listens, started
+    again when one dies (after 1 s, doubling up to 30 s while they keep dying within 10 s of
+    starting), stopped with the workers. One that cannot start serving (exit status 3: a port
+    it cannot bind, say) halts the server, as a worker that cannot boot does."""
+
+    BACKOFF = (1.0, 30.0)
+    SHORT_LIFE = 10.0
+
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config = config
+        self.procs: dict[int, tuple[subprocess.Popen, float]] = {}  # slot -> (process, started)
+        self.backoff = self.BACKOFF[0]
+        self.next_start = 0.0
+        self.stopping = False
+
+    def start(self) -> None:
+        """Start what is missing (not during a back-off, nor once stopping)."""
+        if self.stopping or time.monotonic() < self.next_start:
+            return
+        for slot in range(self.config.grpc_workers):
+            if slot not in self.procs:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "bnserve.service.grpc_server", self.config.runtime_dir],
+                    stdin=subprocess.DEVNULL,
+                    close_fds=True,
+                )
+                self.procs[slot] = (proc, time.monotonic())
+                log.debug("started gRPC process %d", proc.pid)
+
+    def reap(self) -> None:
+        """Collect the exit status of ours that exited (gunicorn's own reaping, waitpid(-1),
+        would take it and log them as unknown children); halt on a boot failure."""
+        for slot, (proc, started) in list(self.procs.items()):
+            try:
+                pid, status = os.waitpid(proc.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped meanwhile by gunicorn: status unknown
+                pid, status = proc.pid, 0
+            if pid == 0:
+                continue
+            del self.procs[slot]
+            mark_dead(proc.pid)  # its counters join the archive
+            code = proc.returncode = os.waitstatus_to_exitcode(status)
+            if self.stopping:
+                continue
+            if code == GRPC_BOOT_ERROR:
+                raise HaltServer("the gRPC server failed to start", GRPC_BOOT_ERROR)
+            lived = time.monotonic() - started
+            log.error("gRPC process %d exited (status %s) after %.1f s", proc.pid, code, lived)
+            short = lived < self.SHORT_LIFE
+            self.backoff = min(self.backoff * 2, self.BACKOFF[1]) if short else self.BACKOFF[0]
+            self.next_start = time.monotonic() + (self.backoff if short else 0.0)
+
+    def signal(self, sig: int) -> None:
+        """Send `sig` to every gRPC process (SIGTERM: stop gracefully), and start no more."""
+        self.stopping = True
+        for proc, _ in self.procs.values():
+            with contextlib.suppress(OSError):
+                proc.send_signal(sig)
+
+    def wait(self, deadline: float) -> None:
+        """Wait for them until `deadline` (time.monotonic()), then SIGKILL what is left."""
+        for proc, _ in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            except ChildProcessError:  # reaped by gunicorn's waitpid(-1)
+                pass
+            mark_dead(proc.pid)
+        self.procs.clear()
+
+
 class BnserveArbiter(Arbiter):
     """gunicorn's master with these changes, all for operations:
 
@@ -139,6 +210,8 @@ class BnserveArbiter(Arbiter):
       serving for N seconds, then the usual graceful stop. A second SIGTERM stops at once.
     - `--model-control poll`: the same tick rescans the repository when it is time
       (service/reload.py `RepositoryPoller`) and queues what changed for the reload runner.
+    - With --grpc-port, it also keeps the gRPC processes (`GrpcProcesses`): started after the
+      listening sockets, restarted when one dies, stopped with the workers.
     """
 
     def __init__(self, app: BnserveApplication) -> None:
@@ -149,6 +222,30 @@ class BnserveArbiter(Arbiter):
         self.poller: RepositoryPoller | None = None
         if self.bnserve_config.model_control == "poll":
             self.poller = RepositoryPoller(self.bnserve_config, self._store())
+        self.grpc = GrpcProcesses(app.config) if app.config.grpc_port else None
+
+    def start(self) -> None:
+        super().start()
+        if self.grpc is not None:
+            config = self.bnserve_config
+            address = f"{bracketed(config.host)}:{config.grpc_port}"
+            self.log.info("starting %d gRPC process(es) for %s", config.grpc_workers, address)
+            self.grpc.start()
+
+    def reap_workers(self) -> None:
+        if self.grpc is not None:
+            self.grpc.reap()
+        super().reap_workers()
+
+    def stop(self, graceful: bool = True) -> None:
+        """Stop the gRPC processes with the workers (both stop taking requests at once), within
+        the same graceful timeout."""
+        if self.grpc is None:
+            return super().stop(graceful)
+        deadline = time.monotonic() + self.cfg.graceful_timeout
+        self.grpc.signal(signal.SIGTERM if graceful else signal.SIGKILL)
+        super().stop(graceful)
+        self.grpc.wait(deadline)
 
     def _store(self) -> Any:
         return ModelStore(self.bnserve_config.runtime_dir)
@@ -206,6 +303,9 @@ class BnserveArbiter(Arbiter):
             except Exception:  # the master must survive whatever a scan meets
                 self.log.exception("repository poll failed")
         self.start_reload_runner()
+        if self.grpc is not None:
+            self.grpc.reap()
+            self.grpc.start()
         if self.drain_deadline is not None and time.monotonic() >= self.drain_deadline:
             self.log.info("drain period over: stopping gracefully")
             raise StopIteration

@@ -106,6 +106,17 @@ class Metrics:
             ["route"],
             buckets=LATENCY_BUCKETS,
         )
+        self.grpc_requests = Counter(
+            "bnserve_grpc_requests_total",
+            "gRPC calls answered (Open Inference Protocol), by method and status code",
+            ["method", "code"],
+        )
+        self.grpc_request_seconds = Histogram(
+            "bnserve_grpc_request_duration_seconds",
+            "Time from receiving a gRPC call to having its response ready, by method",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+        )
         self.inference_seconds = Histogram(
             "bnserve_inference_duration_seconds",
             "onnxruntime session.run time, by model",
@@ -114,7 +125,7 @@ class Metrics:
         )
         self.in_flight = Gauge(
             "bnserve_requests_in_flight",
-            "Requests being handled now (summed over live workers)",
+            "HTTP requests and gRPC calls being handled now (summed over live workers)",
             multiprocess_mode="livesum",
         )
         self.drift_psi = Gauge(
@@ -154,19 +165,19 @@ class Metrics:
             ["model", "version", "device", "sha256"],
             multiprocess_mode="liveall",
         )
-        self._requests: dict[tuple[str, str, str], Any] = {}
-        self._request_seconds: dict[str, Any] = {}
+        # the labelled children of the per-request metrics, by label values
+        self._requests: dict[tuple[str, ...], Any] = {}
+        self._request_seconds: dict[tuple[str, ...], Any] = {}
+        self._grpc_requests: dict[tuple[str, ...], Any] = {}
+        self._grpc_request_seconds: dict[tuple[str, ...], Any] = {}
 
     def observe_request(self, route: str, method: str, status: str, seconds: float) -> None:
-        key = (route, method, status)
-        child = self._requests.get(key)
-        if child is None:
-            child = self._requests[key] = self.requests.labels(route, method, status)
-        child.inc()
-        timer = self._request_seconds.get(route)
-        if timer is None:
-            timer = self._request_seconds[route] = self.request_seconds.labels(route)
-        timer.observe(seconds)
+        _child(self.requests, self._requests, (route, method, status)).inc()
+        _child(self.request_seconds, self._request_seconds, (route,)).observe(seconds)
+
+    def observe_grpc(self, method: str, code: str, seconds: float) -> None:
+        _child(self.grpc_requests, self._grpc_requests, (method, code)).inc()
+        _child(self.grpc_request_seconds, self._grpc_request_seconds, (method,)).observe(seconds)
 
     def unknown_category_counter(self, model: str) -> Any:
         """`count(column, n)`: unknown categories seen by `model` (handed to the runtime)."""
@@ -189,6 +200,15 @@ class Metrics:
 
     def served(self, model: str, version: int, device: str, sha256: str, on: bool) -> None:
         self.model_info.labels(model, str(version), device, sha256).set(1 if on else 0)
+
+
+def _child(metric: Any, cache: dict[tuple[str, ...], Any], values: tuple[str, ...]) -> Any:
+    """The child of `metric` for these label values, created once and cached: `labels()`
+    costs a lock and a dict build per call."""
+    child = cache.get(values)
+    if child is None:
+        child = cache[values] = metric.labels(*values)
+    return child
 
 
 def render() -> tuple[bytes, str]:

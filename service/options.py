@@ -213,12 +213,29 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     ),
     Option("host", text, "127.0.0.1", "listen address", _env("HOST")),
     Option("port", port, 8000, "listen port (0: any free port)", _env("PORT")),
+    Option(
+        "grpc-port",
+        port,
+        8001,
+        "Open Inference Protocol over gRPC (inference.GRPCInferenceService) on this port, same "
+        "host (0: no gRPC server)",
+        _env("GRPC_PORT"),
+    ),
+    Option(
+        "grpc-workers",
+        positive_int,
+        1,
+        "gRPC processes next to the gunicorn workers, each a pool of threads (about one core "
+        "of gRPC traffic per process)",
+        _env("GRPC_WORKERS"),
+    ),
     Option("max-batch", positive_int, 64, "most rows per request", _env("MAX_BATCH")),
     Option(
         "max-body-mb",
         positive_number,
         16.0,
-        "largest request body in MiB; larger ones get 413",
+        "largest request body (and gRPC message) in MiB; larger ones get 413 "
+        "(gRPC: RESOURCE_EXHAUSTED)",
         _env("MAX_BODY_MB"),
     ),
     Option(

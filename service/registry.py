@@ -57,6 +57,7 @@ class ModelRegistry:
         self.unloaded: set[str] = set()  # unloaded through the repository API (explicit mode)
         self.tokens_sha256: str | None = None  # the state's token generation
         self.draining = False  # set from the state file after SIGTERM with --drain-seconds
+        self.grpc_starting = False  # set from the state file until a gRPC process serves
         self.generation = -1  # the state file generation applied (service/reload.py)
         self.hashes: dict[tuple[str, int], str] = {}
         self.metrics: Any = None  # service.metrics.Metrics, when the app counts
@@ -141,6 +142,7 @@ class ModelRegistry:
         if state["generation"] <= self.generation:  # already applied, or an older read
             return
         self.draining = bool(state.get("draining"))
+        self.grpc_starting = bool(state.get("grpc_starting"))
         models: dict[str, ModelVersions] = {}
         hashes: dict[tuple[str, int], str] = {}
         for name, paths in repository_of(state).items():
@@ -173,7 +175,13 @@ class ModelRegistry:
 
     @property
     def ready(self) -> bool:
+        """Every model version is loaded."""
         return all(m.ready for m in self.models.values())
+
+    @property
+    def ready_to_serve(self) -> bool:
+        """What readiness answers: every model loaded, not draining, gRPC (when on) started."""
+        return self.ready and not self.draining and not self.grpc_starting
 
     def model(self, name: str) -> ModelVersions:
         try:

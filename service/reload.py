@@ -122,6 +122,14 @@ class ModelStore:
 
         self.update(drain)
 
+    def set_grpc_serving(self) -> None:
+        """A gRPC process serves: readiness may say yes (once; a restarted one changes nothing)."""
+
+        def serving(state: dict[str, Any]) -> bool:
+            return bool(state.pop("grpc_starting", False))
+
+        self.update(serving)
+
     # -- copies by content hash -------------------------------------------------------------
 
     def keep(self, source: Path) -> tuple[Path, str]:
@@ -166,6 +174,9 @@ class ModelStore:
         state = {
             "generation": 0,
             "draining": False,
+            # until a gRPC process serves, readiness says no: a client that waits for it
+            # must find both protocols answering (service/grpc_server.py announces itself)
+            "grpc_starting": bool(config.grpc_port),
             "models": models,
             "unloaded": {},
             "tokens_sha256": self.keep_tokens(tokens) if tokens else None,
@@ -324,6 +335,43 @@ class GenerationWatch:
 
     def current(self) -> int:
         return struct.unpack_from("<q", self._shared)[0]
+
+
+class StateFollower:
+    """A worker's side of the state: before answering a request (HTTP or gRPC), switch its
+    models, its tokens or start draining when a new state was published. One shared-memory read
+    per request; the state file is read only when the generation moved."""
+
+    def __init__(self, store: ModelStore, registry: Any, config: ServiceConfig, auth: Any) -> None:
+        self.store = store
+        self.registry = registry  # service.registry.ModelRegistry
+        self.config = config
+        self.auth = auth  # service.auth.BearerAuth, or None without --token-file
+        self._generation = store.generation_watch()
+
+    def follow(self) -> None:
+        generation = self._generation.current()
+        if generation == self.registry.generation:
+            return
+        try:
+            state = self.store.read()
+        except (OSError, ValueError) as exc:
+            log.error("cannot read the model state %s: %s", self.store.state_path, exc)
+            return
+        config = self.config
+        tokens_before = self.registry.tokens_sha256
+        self.registry.apply_state(state, config.device, config.intra_op_threads, config.output_kind)
+        if self.auth is not None and self.registry.tokens_sha256 != tokens_before:
+            self._reload_tokens()
+
+    def _reload_tokens(self) -> None:
+        """The master validated the new token file before publishing it: read its copy."""
+        try:
+            self.auth.tokens = self.store.read_tokens()
+        except OSError as exc:  # keep the tokens in force rather than open or lock out
+            log.error("cannot read the new tokens %s: %s", self.store.tokens_path, exc)
+            return
+        log.info("bearer tokens reloaded (%d token(s))", len(self.auth.tokens))
 
 
 class ReloadError(BnserveError):

@@ -240,7 +240,7 @@ def drift_route(call: Call) -> Answer:
 def health_route(call: Call) -> Answer:
     """`GET /health`: 200 when every model is loaded and the server is not draining, else 503."""
     registry = call.registry
-    ready = registry.ready and not registry.draining
+    ready = registry.ready_to_serve
     return json_answer(dumps(health_document(registry)), 200 if ready else 503)
 
 
@@ -256,7 +256,7 @@ def health_document(registry: ModelRegistry) -> dict[str, Any]:
             "device": loaded.device if loaded else None,
             "errors": {str(v): e for v, e in model.errors.items()} or None,
         }
-    ready = registry.ready and not registry.draining
+    ready = registry.ready_to_serve
     return {
         "status": "draining" if registry.draining else ("ok" if ready else "not ready"),
         "ready": ready,

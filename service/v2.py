@@ -3,12 +3,15 @@
 Health answers by status code, metadata describes models in the protocol's shape (with labels,
 device and the converter's reports under `parameters`), and `infer` speaks JSON tensors, the
 binary tensor data extension and the classification extension, so `tritonclient.http` works with
-its defaults. HTTP/REST only: there is no gRPC endpoint.
+its defaults. The gRPC methods of the same protocol (service/grpc_api.py) call the functions
+here for everything but the transport: `infer_tensors`, `model_metadata`,
+`repository_index_document`, `change_model`.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,7 +23,7 @@ from bnserve.service.config import ServiceConfig
 from bnserve.service.drift import window_for
 from bnserve.service.errors import BadRequestError, ForbiddenError, GatewayTimeoutError
 from bnserve.service.registry import ModelRegistry, ModelVersions
-from bnserve.service.reload import ReloadError
+from bnserve.service.reload import ModelStore, ReloadError
 from bnserve.service.repository import find_models
 from bnserve.service.routes import Answer, Call, json_answer
 from bnserve.service.runtime import ModelRuntime
@@ -118,6 +121,45 @@ def infer(
     header_bytes, binary = split_body(body, header_length)
     budget = JsonBudget.for_rows(max_batch, runtime.info.n_features)
     header = parse_json_object(header_bytes, EXAMPLE, budget)
+    result = infer_tensors(runtime, header, binary, config)
+    request_id = result.request_id
+    entries, tails = [], []
+    for name, array, binary_out in result.outputs:
+        entry, raw = encode_output(name, array, binary_out)
+        entries.append(entry)
+        if raw:
+            tails.append(raw)
+    response: dict[str, Any] = {"model_name": runtime.name, "model_version": str(runtime.version)}
+    if request_id is not None:
+        response["id"] = request_id
+    if result.warnings:  # inputs outside the training profile (service/profile.py)
+        response["parameters"] = {"out_of_range": result.warnings}
+    response["outputs"] = entries
+    json_part = dumps(response)
+    if not any("parameters" in e for e in entries):
+        return json_part, {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(json_part))}
+    return json_part + b"".join(tails), headers
+
+
+@dataclass
+class InferResult:
+    """One request's id, one (name, array, binary) per requested output (classification
+    applied), and the inputs outside the training profile (service/profile.py)."""
+
+    request_id: str | None
+    outputs: list[tuple[str, np.ndarray, bool]]
+    warnings: list[dict[str, Any]]
+
+
+def infer_tensors(
+    runtime: ModelRuntime, header: dict[str, Any], binary: memoryview, config: ServiceConfig
+) -> InferResult:
+    """Decode, check and run one request of the protocol's shape (the JSON header over HTTP; the
+    gRPC server builds the same from its message). `binary` holds the inputs sent as raw bytes,
+    in the order of the inputs, each declared by its `binary_data_size` parameter. The inputs
+    are checked against the training profile and counted into the drift window."""
+    max_batch = config.max_batch
     inputs = header.get("inputs")
     info = runtime.info
     request_id = header.get("id")
@@ -141,8 +183,7 @@ def infer(
     requested = _requested_outputs(header, runtime)
     names = list(dict.fromkeys(name for name, _, _ in requested))
     results = dict(zip(names, runtime.run(names, x), strict=True))
-
-    entries, tails = [], []
+    outputs = []
     for name, binary_out, k in requested:
         array = results[name]
         if k is not None:
@@ -153,21 +194,8 @@ def infer(
                 )
             labels = info.labels if info.labels and len(info.labels) == array.shape[1] else None
             array = classify(array, k, labels)
-        entry, raw = encode_output(name, array, binary_out)
-        entries.append(entry)
-        if raw:
-            tails.append(raw)
-    response: dict[str, Any] = {"model_name": runtime.name, "model_version": str(runtime.version)}
-    if request_id is not None:
-        response["id"] = request_id
-    if warnings:  # inputs outside the training profile (service/profile.py)
-        response["parameters"] = {"out_of_range": warnings}
-    response["outputs"] = entries
-    json_part = dumps(response)
-    if not any("parameters" in e for e in entries):
-        return json_part, {"Content-Type": "application/json"}
-    headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(json_part))}
-    return json_part + b"".join(tails), headers
+        outputs.append((name, array, binary_out))
+    return InferResult(request_id, outputs, warnings)
 
 
 def decode_columns(
@@ -255,7 +283,7 @@ def live_route(call: Call) -> Answer:
 
 def ready_route(call: Call) -> Answer:
     registry = call.registry
-    ready = registry.ready and not registry.draining
+    ready = registry.ready_to_serve
     return json_answer(dumps({"ready": ready}), 200 if ready else 503)
 
 
@@ -373,23 +401,40 @@ _CONTROL_PARAMETERS = {"load": {"allow_signature_change"}, "unload": {"unload_de
 
 
 def control_model(call: Call, action: str, name: str) -> dict[str, Any]:
-    """`POST /v2/repository/models/{name}/load|unload`: queue it for the reload runner (the
-    gunicorn master starts it), wait for the result, switch this worker at once (the others
-    before their next request)."""
+    """`POST /v2/repository/models/{name}/load|unload`: the body's parameters, then
+    `change_model`."""
     config = call.config
+    refuse_without_model_control(config, action)
+    body = read_body(call.environ, config.max_body_bytes)
+    document = parse_json_object(body, '{"parameters": {...}}') if body.strip() else {}
+    parameters = check_parameters(document.get("parameters"), "'parameters'")
+    return change_model(call.registry, call.store, config, action, name, parameters)
+
+
+def refuse_without_model_control(config: ServiceConfig, action: str) -> None:
+    """ForbiddenError unless the server runs with --model-control explicit."""
     if config.model_control != "explicit":
         raise ForbiddenError(
             f"model control is {config.model_control!r}: this server does not {action} models "
             "on request. Start it with --model-control explicit (BNSERVE_MODEL_CONTROL=explicit) "
             "to use this route; SIGHUP to the server reloads the served models"
         )
-    registry: ModelRegistry = call.registry
-    store = call.store
+
+
+def change_model(
+    registry: ModelRegistry,
+    store: ModelStore | None,
+    config: ServiceConfig,
+    action: str,
+    name: str,
+    parameters: dict[str, Any],
+) -> dict[str, Any]:
+    """Load or unload model `name` (HTTP route or gRPC method): queue it for the reload runner
+    (the gunicorn master starts it), wait for the result, switch this worker at once (the others
+    before their next request)."""
+    refuse_without_model_control(config, action)
     if store is None:
         raise BadRequestError(f"{action} needs the model store that `bnserve serve` sets up")
-    body = read_body(call.environ, config.max_body_bytes)
-    document = parse_json_object(body, '{"parameters": {...}}') if body.strip() else {}
-    parameters = check_parameters(document.get("parameters"), "'parameters'")
     unknown = set(parameters) - _CONTROL_PARAMETERS[action]
     if unknown:
         raise BadRequestError(

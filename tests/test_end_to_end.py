@@ -91,13 +91,13 @@ def test_up_trains_converts_serves_and_stops_quickly(tmp_path):
     import sys
     import time
 
-    from tests.service.support import REPO_ROOT, free_port
+    from tests.service.support import REPO_ROOT, free_port, python_path
 
     port = free_port()
     log = (tmp_path / "up.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bnserve", "up", "--data", "sklearn:iris", "--dir", str(tmp_path / "m"), "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        [sys.executable, "-m", "bnserve", "up", "--data", "sklearn:iris", "--dir", str(tmp_path / "m"), "--port", str(port), "--grpc-port", "0", "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": python_path()},
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 120

@@ -67,7 +67,8 @@ def test_deployment_probes_security_resources_and_grace():
     pod = dep["spec"]["template"]["spec"]
     (c,) = pod["containers"]
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"http": 8000}
+    assert ports == {"http": 8000, "grpc": 8001}
+    assert container_env(c)["BNSERVE_GRPC_PORT"] == "8001"
     assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     for kind in ("requests", "limits"):
@@ -100,8 +101,10 @@ def test_service_and_hpa_point_at_the_deployment():
     dep, svc, hpa = by_kind("Deployment"), by_kind("Service"), by_kind("HorizontalPodAutoscaler")
     labels = dep["spec"]["template"]["metadata"]["labels"]
     assert svc["spec"]["selector"].items() <= labels.items()
-    (port,) = svc["spec"]["ports"]
-    assert port["targetPort"] in ("http", 8000)
+    http, grpc = svc["spec"]["ports"]
+    assert http["targetPort"] in ("http", 8000)
+    assert grpc["targetPort"] in ("grpc", 8001)
+    assert grpc["appProtocol"] == "kubernetes.io/h2c"  # HTTP/2 without TLS, for proxies
     ref = hpa["spec"]["scaleTargetRef"]
     assert (ref["kind"], ref["name"]) == ("Deployment", dep["metadata"]["name"])
     assert hpa["apiVersion"] == "autoscaling/v2"
@@ -124,13 +127,15 @@ def test_kserve_serving_runtime():
     rt = kserve("ServingRuntime")
     assert rt["apiVersion"] == "serving.kserve.io/v1alpha1"
     spec = rt["spec"]
-    assert "v2" in spec["protocolVersions"]
+    assert {"v2", "grpc-v2"} <= set(spec["protocolVersions"])
     assert any(f["name"] == "onnx" for f in spec["supportedModelFormats"])
     (c,) = spec["containers"]
     assert c["name"] == "kserve-container"
     assert "--model-name={{.Name}}" in c["args"]
     assert "/mnt/models" in c["args"], "the runtime must pass KServe's model directory"
-    assert any(p["containerPort"] == 8000 for p in c["ports"])
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"http": 8000, "grpc": 8001}
+    assert "--port=8000" in c["args"] and "--grpc-port=8001" in c["args"]
     assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert c["securityContext"]["runAsNonRoot"] is True
@@ -168,6 +173,9 @@ def test_kserve_inference_service_uses_the_runtime():
     assert model["protocolVersion"] in rt["spec"]["protocolVersions"]
     assert model["modelFormat"]["name"] in {f["name"] for f in rt["spec"]["supportedModelFormats"]}
     assert re.match(r"^(s3|gs|pvc|https?|hdfs|webhdfs|oci)://", model["storageUri"])
+    # two ports (REST and gRPC): raw deployment mode, since Knative routes a single port
+    annotations = isvc["metadata"]["annotations"]
+    assert annotations["serving.kserve.io/deploymentMode"] == "RawDeployment"
 
 
 # --- Dockerfiles ----------------------------------------------------------------------------------
@@ -211,7 +219,7 @@ def test_dockerfile_runtime_stage(dockerfile):
     final = stages[-1]
     assert " AS " not in final.splitlines()[0].upper(), "the last stage is the runtime image"
     assert re.search(r"^USER\s+\d+(:\d+)?\s*$", final, re.M), "numeric USER in the final stage"
-    assert re.search(r"^EXPOSE\s+8000\s*$", final, re.M)
+    assert re.search(r"^EXPOSE\s+8000\s+8001\s*$", final, re.M), "HTTP and gRPC"
     assert re.search(r'^VOLUME\s+\["/models"\]', final, re.M)
     assert re.search(r'^ENTRYPOINT\s+\["bnserve",\s*"serve"\]', final, re.M), "exec form"
     hc = re.search(r"^HEALTHCHECK(?:[^\n]*\\\n)*[^\n]*", final, re.M).group(0)
@@ -226,6 +234,7 @@ def test_dockerfile_runtime_stage(dockerfile):
     assert re.search(r"^FROM\s+(\S+)", text, re.M).group(1) == "${PYTHON_IMAGE}"
     assert "--require-hashes" in text, "the runtime venv is hash-checked"
     assert re.search(r"\bserve(-cuda)?\.txt\b", text)
+    assert "BNSERVE_GRPC_PORT=8001" in final
     for name in ("BNSERVE_MODEL", "BNSERVE_HOST", "BNSERVE_PORT", "BNSERVE_DEVICE"):
         assert name in final
 

@@ -56,7 +56,8 @@ def _unwritable_home(tmp: Path) -> str:
 
 @pytest.fixture(scope="session")
 def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """The repository served by 2 workers, flags only, with a HOME nobody can write."""
+    """The repository served by 2 workers (HTTP and gRPC), flags only, with a HOME nobody can
+    write."""
     tmp = tmp_path_factory.mktemp("server")
     live = start_server(
         [
@@ -72,6 +73,7 @@ def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         ],
         tmp / "serve.log",
         {"HOME": _unwritable_home(tmp)},
+        grpc=True,
     )
     yield live
     stop_server(live)
@@ -91,6 +93,7 @@ def env_server(
             "BNSERVE_MODEL_NAME": "foreign_single",
             "BNSERVE_WORKERS": "1",
             "BNSERVE_PORT": str(free_port()),
+            "BNSERVE_GRPC_PORT": str(free_port()),
             "BNSERVE_HOST": "127.0.0.1",
             "BNSERVE_DEVICE": "cpu",
             "BNSERVE_LOG_LEVEL": "debug",

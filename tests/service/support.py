@@ -3,6 +3,7 @@ stopping a real `bnserve serve` process, and reading `bnserve predict`'s output 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -116,6 +117,79 @@ def build_foreign_logits(path: Path, seed: int = 5) -> Path:
     return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
 
 
+COLUMN_LABELS = ["Adelie", "Gentoo"]
+ISLANDS = ["Biscoe", "Dream"]
+
+
+def build_column_classifier(path: Path, seed: int = 3) -> Path:
+    """A raw-column model as the converter writes one (one input per table column, described in
+    `bnserve.preprocessing`), small enough to build by hand: `island` categorical (string
+    [batch, 1], one-hot over ISLANDS, anything else sets no column), `bill` numeric (float
+    [batch, 1], NaN = missing, imputed with 40 and flagged), then Gemm + Softmax."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(4, len(COLUMN_LABELS))).astype(np.float32)
+    b = rng.normal(size=len(COLUMN_LABELS)).astype(np.float32)
+    nodes = []
+    for i in range(len(ISLANDS)):
+        nodes += [
+            helper.make_node("Equal", ["island", f"is{i}"], [f"eq{i}"]),
+            helper.make_node("Cast", [f"eq{i}"], [f"oh{i}"], to=TensorProto.FLOAT),
+        ]
+    nodes += [
+        helper.make_node("IsNaN", ["bill"], ["nan"]),
+        helper.make_node("Where", ["nan", "fill", "bill"], ["bill_filled"]),
+        helper.make_node("Cast", ["nan"], ["bill_missing"], to=TensorProto.FLOAT),
+        helper.make_node(
+            "Concat", ["oh0", "oh1", "bill_filled", "bill_missing"], ["features"], axis=1
+        ),
+        helper.make_node("Gemm", ["features", "w", "b"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    consts = [
+        helper.make_tensor(f"is{i}", TensorProto.STRING, [], [island.encode()])
+        for i, island in enumerate(ISLANDS)
+    ]
+    consts += [
+        numpy_helper.from_array(np.array(40.0, np.float32), "fill"),
+        numpy_helper.from_array(w, "w"),
+        numpy_helper.from_array(b, "b"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "columns",
+        [
+            helper.make_tensor_value_info("island", TensorProto.STRING, ["batch", 1]),
+            helper.make_tensor_value_info("bill", TensorProto.FLOAT, ["batch", 1]),
+        ],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 2])],
+        consts,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    spec = {
+        "missing_values": ["", "NA"],
+        "columns": [
+            {"name": "island", "kind": "categorical", "categories": ISLANDS},
+            {"name": "bill", "kind": "numeric", "missing": True},
+        ],
+    }
+    helper.set_model_props(
+        model,
+        {
+            "bnserve.format_version": "1",
+            "bnserve.output_kind": "probabilities",
+            "bnserve.labels": json.dumps(COLUMN_LABELS),
+            "bnserve.preprocessing": json.dumps(spec),
+        },
+    )
+    return _save(model, path)
+
+
+def v2_request(rows: np.ndarray, name: str = "input", **extra: object) -> dict:
+    """A V2 infer request body with `rows` as one FP32 JSON tensor."""
+    tensor = {"name": name, "shape": list(rows.shape), "datatype": "FP32"}
+    return {"inputs": [{**tensor, "data": rows.ravel().tolist()}], **extra}
+
+
 def reference_run(path: Path, x: np.ndarray, output: str | None = None) -> np.ndarray:
     """An in-process onnxruntime run, independent of service/, to compare HTTP answers with."""
     options = ort.SessionOptions()
@@ -160,10 +234,34 @@ class LiveServer:
     proc: subprocess.Popen
     port: int
     log_path: Path
+    grpc_port: int = 0  # 0: no gRPC server
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def listening_ports(self) -> set[int]:
+        """The TCP ports the master and its workers listen on (their sockets in LISTEN state)."""
+        inodes = set()
+        for pid in [self.proc.pid, *self.children()]:
+            with contextlib.suppress(OSError):
+                for fd in Path(f"/proc/{pid}/fd").iterdir():
+                    with contextlib.suppress(OSError):
+                        target = os.readlink(fd)
+                        if target.startswith("socket:["):
+                            inodes.add(target[8:-1])
+        ports = set()
+        for table in ("tcp", "tcp6"):
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+                    fields = line.split()
+                    if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                        ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+        return ports
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -180,6 +278,10 @@ class LiveServer:
                 continue
         return found
 
+    def grpc_pids(self) -> list[int]:
+        """The gRPC processes (python -m bnserve.service.grpc_server)."""
+        return [pid for pid, cmdline in self.children().items() if b"grpc_server" in cmdline]
+
     def worker_pids(self) -> list[int]:
         """The gunicorn workers: the children that run the master's command line (forked, not
         exec'd), so neither a reload runner nor an exited child waiting to be reaped counts."""
@@ -187,15 +289,33 @@ class LiveServer:
         return [pid for pid, cmdline in self.children().items() if cmdline == master]
 
 
-def start_server(args: list[str], log_path: Path, env_extra: dict[str, str]) -> LiveServer:
-    """Start `python -m bnserve serve ARGS` and wait until /v2/health/ready answers 200."""
+def python_path() -> str:
+    """PYTHONPATH for a child `python -m bnserve`: this checkout, after any PYTHONPATH already
+    set (a run that points the package at another copy of the code keeps doing so)."""
+    return os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(REPO_ROOT)) if p)
+
+
+def start_server(
+    args: list[str], log_path: Path, env_extra: dict[str, str], grpc: bool = False
+) -> LiveServer:
+    """Start `python -m bnserve serve ARGS` and wait until /v2/health/ready answers 200.
+
+    gRPC: on a free port with `grpc`, else off (`--grpc-port 0`: servers running side by side
+    must not share the default port), unless ARGS or the environment name a port."""
     port = int(env_extra.get("BNSERVE_PORT") or free_port())
     if "BNSERVE_PORT" not in env_extra:
         args = [*args, "--port", str(port)]
+    if "--grpc-port" in args:
+        grpc_port = int(args[args.index("--grpc-port") + 1])
+    elif "BNSERVE_GRPC_PORT" in env_extra:
+        grpc_port = int(env_extra["BNSERVE_GRPC_PORT"])
+    else:
+        grpc_port = free_port() if grpc else 0
+        args = [*args, "--grpc-port", str(grpc_port)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("BNSERVE_")}
     env.pop("XDG_RUNTIME_DIR", None)
     env.update(env_extra)
-    env["PYTHONPATH"] = str(REPO_ROOT)
+    env["PYTHONPATH"] = python_path()
     log_file = log_path.open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "bnserve", "serve", *args],
@@ -204,19 +324,32 @@ def start_server(args: list[str], log_path: Path, env_extra: dict[str, str]) -> 
         env=env,
         cwd=REPO_ROOT,
     )
-    server = LiveServer(proc, port, log_path)
+    server = LiveServer(proc, port, log_path, grpc_port)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"bnserve serve exited with {proc.returncode}:\n{server.log()}")
         try:  # the master accepts connections before a worker has loaded the models
-            if requests.get(f"{server.url}/v2/health/ready", timeout=5).status_code == 200:
+            ready = requests.get(f"{server.url}/v2/health/ready", timeout=5).status_code == 200
+            if ready and (grpc_port == 0 or grpc_listening(server, deadline)):
                 return server
         except requests.RequestException:
             pass
         time.sleep(0.1)
     stop_server(server)
     raise RuntimeError(f"bnserve serve not ready after 60 s:\n{server.log()}")
+
+
+def grpc_listening(server: LiveServer, deadline: float) -> bool:
+    """Whether a gRPC process accepts connections (it binds once its models are loaded)."""
+    import grpc
+
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=max(0.1, deadline - time.monotonic()))
+        except grpc.FutureTimeoutError:
+            return False
+    return True
 
 
 def stop_server(server: LiveServer) -> int:

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from bnserve.service.app import create_app
 from bnserve.service.offline import score
 from bnserve.service.runtime import ModelRuntime, softmax
-from tests.service.support import reference_run
+from tests.service.support import reference_run, v2_request
 
 W = np.random.default_rng(3).normal(size=(5, 3)).astype(np.float32)
 X = np.random.default_rng(4).normal(size=(5, 5)).astype(np.float32)
@@ -62,17 +62,7 @@ def label_and_scores_model(path: Path) -> Path:
 
 
 def _infer(client, name: str, rows: np.ndarray, **extra) -> dict:
-    body = {
-        "inputs": [
-            {
-                "name": "x",
-                "shape": list(rows.shape),
-                "datatype": "FP32",
-                "data": rows.ravel().tolist(),
-            }
-        ],
-        **extra,
-    }
+    body = v2_request(rows, "x", **extra)
     return client.post(f"/v2/models/{name}/infer", json=body)
 
 
