@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from data_scale import cpu_name  # bench/data_scale.py, next to this script
 from ensemble_layout import measure, session, table  # bench/ensemble_layout.py, next to this script
 
 from bnserve.converter.convert import convert_checkpoint
@@ -111,15 +111,6 @@ def serving_rows(
         if k > 1:
             variants[f"{k} sessions"] = lambda x, k=k: separate(k, x)
     return measure(variants, x1, x64, rounds, seconds)
-
-
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
