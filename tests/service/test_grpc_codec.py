@@ -148,7 +148,7 @@ def test_typed_raw_and_http_json_answer_the_same(worker: grpc_api.Worker) -> Non
         {"inputs": [{"name": "input", "shape": [2, N_FEATURES], "datatype": "FP32", "data": X}]}
     )
     runtime = worker.registry.get("clf", "1")
-    http = orjson.loads(v2.infer(runtime, body, None, 4)[0])
+    http = orjson.loads(v2.infer(runtime, body, None, worker.config)[0])
     for i, output in enumerate(http["outputs"]):
         from_typed = np.array(typed.outputs[i].contents.fp32_contents, np.float32)
         from_raw = np.frombuffer(raw.raw_output_contents[i], np.float32)
