@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         for mode in ("flag", "ignore"):
             port = bench.free_port()
             argv_ = [*run, "serve", str(model), "--port", str(port), "--workers", "1",
-                     "--on-out-of-range", mode, "--log-level", "warning"]  # fmt: skip
+                     "--on-out-of-range", mode, "--log-level", "warning", "--grpc-port", "0"]  # fmt: skip
             servers[mode] = bench.Server(mode, argv_, port, env, tmp / f"{mode}.log")
         rps: dict[str, list[float]] = {"flag": [], "ignore": []}
         try:
