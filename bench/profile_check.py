@@ -43,13 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         script = bench.wrk_script(tmp / "post.lua", bench.BODY, close=False)
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         servers = {}
-        for mode in ("flag", "ignore"):
-            port = bench.free_port()
-            argv_ = [*run, "serve", str(model), "--port", str(port), "--workers", "1",
-                     "--on-out-of-range", mode, "--log-level", "warning", "--grpc-port", "0"]  # fmt: skip
-            servers[mode] = bench.Server(mode, argv_, port, env, tmp / f"{mode}.log")
         rps: dict[str, list[float]] = {"flag": [], "ignore": []}
-        try:
+        try:  # servers started before a failure are stopped too
+            for mode in ("flag", "ignore"):
+                port = bench.free_port()
+                argv_ = [*run, "serve", str(model), "--port", str(port), "--workers", "1",
+                         "--on-out-of-range", mode, "--log-level", "warning", "--grpc-port", "0"]  # fmt: skip
+                servers[mode] = bench.Server(mode, argv_, port, env, tmp / f"{mode}.log")
             for rnd in range(args.rounds):
                 for mode in ("flag", "ignore") if rnd % 2 == 0 else ("ignore", "flag"):
                     result = bench.load_wrk(servers[mode].port, 8, args.seconds, script)

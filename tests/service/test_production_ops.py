@@ -168,7 +168,11 @@ def test_an_empty_token_file_refuses_to_start(tmp_path: Path) -> None:
     empty.write_text("# nothing\n")
     model = build_mlp_classifier(tmp_path / "m.onnx")
     done = subprocess.run(
-        [sys.executable, "-m", "bnserve", "serve", str(model), "--token-file", str(empty)],
+        # --grpc-port 0: the refusal under test, whatever holds the default gRPC port
+        [
+            sys.executable,
+            *("-m", "bnserve", "serve", str(model), "--token-file", str(empty), "--grpc-port", "0"),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
