@@ -346,13 +346,17 @@ def _check_finite(X: np.ndarray, where: str, row_offset: int) -> None:
         )
 
 
-def _encode_labels(labels: list[str]) -> tuple[list[str], np.ndarray]:
-    """Class names sorted (numerically when they all are numbers) and the index of each label."""
-    unique = set(labels)
+def class_order(unique: set[str]) -> list[str]:
+    """Class names sorted: numerically when they all are finite numbers, else as text (a NaN key
+    would make the order depend on set iteration, i.e. on the hash seed)."""
     if all(_finite_number(c) is not None for c in unique):
-        class_names = sorted(unique, key=float)
-    else:  # (a NaN key would make the order depend on set iteration, i.e. on the hash seed)
-        class_names = sorted(unique)
+        return sorted(unique, key=float)
+    return sorted(unique)
+
+
+def _encode_labels(labels: list[str]) -> tuple[list[str], np.ndarray]:
+    """Class names sorted (`class_order`) and the index of each label."""
+    class_names = class_order(set(labels))
     index = {c: i for i, c in enumerate(class_names)}
     return class_names, np.array([index[v] for v in labels], dtype=np.int64)
 

@@ -32,7 +32,7 @@ import pyarrow.csv as pacsv
 from bnserve.errors import DataError
 from bnserve.models import layers
 from bnserve.models.checkpoint import Checkpoint
-from bnserve.models.data import canonical_labels
+from bnserve.models.data import canonical_labels, class_order
 from bnserve.models.network import (
     NetworkSpec,
     Params,
@@ -50,6 +50,7 @@ from bnserve.models.train import (
     TrainResult,
     diverging,
     network_spec,
+    usable_std,
 )
 
 TRAIN, VAL, TEST = 0, 1, 2
@@ -222,7 +223,7 @@ def scan(source: Source, config: TrainConfig) -> Scan:
         raise DataError(f"{source.path}: {counts[TRAIN]} training rows; need at least 2")
     texts = list(seen)
     names_by_text = dict(zip(texts, canonical_labels(texts), strict=True))
-    class_names = sorted(set(names_by_text.values()), key=_class_key(names_by_text.values()))
+    class_names = class_order(set(names_by_text.values()))
     if len(class_names) < 2:
         raise DataError(f"{source.path}: only one class; need at least two")
     index = {t: class_names.index(names_by_text[t]) for t in texts}
@@ -230,18 +231,8 @@ def scan(source: Source, config: TrainConfig) -> Scan:
     y_all = remap[np.concatenate(codes)]
     hash_x.update(y_all.tobytes())
     hash_x.update("\x1f".join(class_names).encode())
-    std = np.sqrt(moments.variance())
-    std[std <= 1e-12 * np.maximum(1.0, np.abs(moments.mean))] = 1.0
+    std = usable_std(moments.mean, np.sqrt(moments.variance()))
     return Scan(class_names, counts, moments.mean, std, hash_x.hexdigest(), index)
-
-
-def _class_key(names: object) -> Callable[[str], object]:
-    values = list(names)  # type: ignore[call-overload]
-    try:
-        [float(v) for v in values]
-    except ValueError:
-        return lambda v: v
-    return float
 
 
 def _batches(

@@ -376,10 +376,13 @@ def evaluation_rows(
 def standardization(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature mean and std of the training data; a constant feature gets std 1."""
     mean = X.mean(axis=0)
-    std = X.std(axis=0)
-    constant = std <= 1e-12 * np.maximum(1.0, np.abs(mean))
-    std[constant] = 1.0
-    return mean, std
+    return mean, usable_std(mean, X.std(axis=0))
+
+
+def usable_std(mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """`std` with 1 for a constant feature (std at rounding level of its mean), in place."""
+    std[std <= 1e-12 * np.maximum(1.0, np.abs(mean))] = 1.0
+    return std
 
 
 def minibatches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
