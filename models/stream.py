@@ -30,7 +30,6 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from bnserve.errors import DataError
-from bnserve.models import layers
 from bnserve.models.checkpoint import Checkpoint
 from bnserve.models.data import canonical_labels, class_order
 from bnserve.models.network import (
@@ -38,7 +37,6 @@ from bnserve.models.network import (
     Params,
     hidden_forward_eval,
     init_params,
-    logits_eval,
     loss_and_grads,
 )
 from bnserve.models.optim import make_optimizer, scheduled_lr
@@ -48,7 +46,9 @@ from bnserve.models.train import (
     EarlyStopping,
     TrainConfig,
     TrainResult,
+    bn_input,
     diverging,
+    evaluate,
     network_spec,
     usable_std,
 )
@@ -281,14 +281,13 @@ def _loss_accuracy(
 ) -> tuple[float | None, float | None]:  # fmt: skip
     total = loss = correct = 0.0
     for X, y in _batches(source, info, config, part, None, standardize=False):
-        logits = logits_eval(spec, params, X, stats)
-        logp = layers.log_softmax(logits)
-        loss -= float(logp[np.arange(len(y)), y].sum())
-        correct += float((logits.argmax(axis=1) == y).sum())
+        batch_loss, batch_accuracy = evaluate(spec, params, X, y, stats)  # the trainer's measure
+        loss += batch_loss * len(y)
+        correct += batch_accuracy * len(y)
         total += len(y)
     if total == 0:
         return None, None
-    return loss / total + 0.0, correct / total
+    return loss / total, correct / total
 
 
 def train_stream(
@@ -402,13 +401,7 @@ def population_statistics_stream(
             a = X
             for j in range(i):
                 a = hidden_forward_eval(spec, work, a, j, "population")
-            z, _ = layers.linear_forward(a, params[p + "W"], params.get(p + "b"))
-            bn_input = (
-                z
-                if spec.bn == "before"
-                else layers.activation_eval(z, spec.activation, spec.leaky_slope)
-            )
-            moments.add(bn_input)
+            moments.add(bn_input(spec, params, a, i))
         out[p + "population_mean"] = moments.mean
         out[p + "population_var"] = moments.variance()
         work.update({k: v for k, v in out.items() if k.startswith(p)})

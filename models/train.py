@@ -409,6 +409,16 @@ def evaluate(
     return loss, float((logits.argmax(axis=1) == y).mean())
 
 
+def bn_input(spec: NetworkSpec, params: Params, a: np.ndarray, i: int) -> np.ndarray:
+    """What hidden layer `i`'s BN normalizes, given the layer's input `a`: the linear output
+    (BN before the activation) or the activation (after)."""
+    p = f"hidden.{i}."
+    z, _ = layers.linear_forward(a, params[p + "W"], params.get(p + "b"))
+    if spec.bn == "before":
+        return z
+    return layers.activation_eval(z, spec.activation, spec.leaky_slope)
+
+
 def population_statistics(spec: NetworkSpec, params: Params, X_std: np.ndarray) -> Params:
     """Exact mean and (biased) variance of each BN layer's input over the whole training set,
     layer by layer, with the layers before it in inference mode using the population statistics
@@ -418,14 +428,9 @@ def population_statistics(spec: NetworkSpec, params: Params, X_std: np.ndarray) 
     a = X_std
     for i in range(len(spec.hidden)):
         p = f"hidden.{i}."
-        z, _ = layers.linear_forward(a, params[p + "W"], params.get(p + "b"))
-        bn_input = (
-            z
-            if spec.bn == "before"
-            else layers.activation_eval(z, spec.activation, spec.leaky_slope)
-        )
-        out[p + "population_mean"] = bn_input.mean(axis=0)
-        out[p + "population_var"] = bn_input.var(axis=0)
+        inputs = bn_input(spec, params, a, i)
+        out[p + "population_mean"] = inputs.mean(axis=0)
+        out[p + "population_var"] = inputs.var(axis=0)
         work.update({k: v for k, v in out.items() if k.startswith(p)})
         a = hidden_forward_eval(spec, work, a, i, "population")
     return out
