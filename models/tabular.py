@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from bnserve.errors import DataError
+from bnserve.models.reading import column_text
 
 NUMERIC, BOOLEAN, CATEGORICAL = "numeric", "boolean", "categorical"
 KINDS = (NUMERIC, BOOLEAN, CATEGORICAL)
@@ -67,11 +68,8 @@ def _take(column: Any, rows: np.ndarray) -> Any:
 
 def booleans(column: Any, missing_values: tuple[str, ...]) -> np.ndarray:
     """A boolean column as 1.0 / 0.0, NaN for missing (and for a cell that is no boolean)."""
-    return np.array(
-        [np.nan if c in missing_values else (_boolean(c) if _boolean(c) is not None else np.nan)
-         for c in _as_text(column)],
-        dtype=np.float64,
-    )  # fmt: skip
+    values = [None if c in missing_values else _boolean(c) for c in column_text(column)]
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
 
 
 def numbers(column: Any, missing_values: tuple[str, ...]) -> np.ndarray | None:
@@ -88,16 +86,6 @@ def numbers(column: Any, missing_values: tuple[str, ...]) -> np.ndarray | None:
             return None
         out[i] = value
     return out
-
-
-def _as_text(cells: Any) -> list[str]:
-    """Text cells (a numeric array made categorical: whole numbers as integers, NaN missing)."""
-    if not isinstance(cells, np.ndarray):
-        return cells
-    return [
-        "" if v != v else str(int(v)) if float(v).is_integer() else repr(float(v))
-        for v in cells.tolist()
-    ]
 
 
 def _number(text: str) -> float | None:
@@ -236,13 +224,13 @@ class Preprocessor:
         for col in self.columns:
             cells = table.column(col.name)
             if col.kind == CATEGORICAL:
-                blocks.append(self._one_hot(col, _as_text(cells)))
+                blocks.append(self._one_hot(col, column_text(cells)))
                 continue
             if col.kind == NUMERIC:
                 value = self._numeric(col, cells, table.source)
             else:
                 value = np.full(len(cells), np.nan)
-                for i, text in enumerate(_as_text(cells)):
+                for i, text in enumerate(column_text(cells)):
                     if self.is_missing(text):
                         continue
                     parsed = _boolean(text)
@@ -332,7 +320,7 @@ def identifier_like(name: str, cells: Any, missing_values: tuple[str, ...]) -> s
     if name == "" or name.lower().startswith("unnamed:"):
         return "it has no name (a written-out index, e.g. pandas' to_csv without index=False)"
     if name.lower() in ID_NAMES and len(cells) >= 2:
-        text = _as_text(cells)
+        text = column_text(cells)
         if len(set(text)) == len(text) and not any(c in missing_values for c in text):
             return "its name says it identifies rows and every value is different"
     if len(cells) < ID_MIN_ROWS:
