@@ -305,7 +305,8 @@ def _load_table(
     else:
         names = [h for h in header if h not in options.drop]
         cells = [columns[header.index(h)] for h in names]
-    kinds = type_columns(names, cells, options, str(path))
+    nonfinite = table.nonfinite_counts()
+    kinds = type_columns(names, cells, options, str(path), nonfinite)
     raw = RawData(None, labels, names, label=None if label_col is None else header[label_col])
     raw.label_defaulted = label is None and label_col is not None
     # a numeric column read as text (it held "inf" or another spelling pyarrow did not infer)
@@ -325,6 +326,8 @@ def _load_table(
             X[:, j] = column
     bad = []
     for j, column in enumerate(cells):
+        if nonfinite.get(names[j]) == 0:
+            continue
         infinite = np.flatnonzero(~np.isfinite(column))
         if len(infinite):
             bad.append(

@@ -367,9 +367,14 @@ def select_columns(
 
 
 def type_columns(
-    names: list[str], cells: list[list[str]], options: ColumnOptions, source: str
+    names: list[str],
+    cells: list[list[str]],
+    options: ColumnOptions,
+    source: str,
+    nonfinite: dict[str, int] | None = None,
 ) -> list[Column]:
-    """Each column's kind; refuses identifier-like columns (all of them at once, with the fix)."""
+    """Each column's kind; refuses identifier-like columns (all of them at once, with the fix).
+    `nonfinite` (reading.Table.nonfinite_counts) spares scanning a complete numeric column."""
     identifiers: list[tuple[str, str]] = []
     kinds = []
     for name, column in zip(names, cells, strict=True):
@@ -384,7 +389,8 @@ def type_columns(
         if name in options.categorical:
             kind = CATEGORICAL
         if isinstance(column, np.ndarray):
-            missing = int(np.isnan(column).sum())
+            complete = nonfinite is not None and nonfinite.get(name) == 0
+            missing = 0 if complete else int(np.isnan(column).sum())
         else:
             missing = sum(c in options.missing_values for c in column)
         kinds.append(Column(name, kind, missing_in_data=missing))

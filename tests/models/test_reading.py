@@ -4,6 +4,9 @@ and a column that stops being numeric far down the file becomes a categorical co
 
 from __future__ import annotations
 
+import csv
+import itertools
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -30,8 +33,14 @@ def _write_csv(path, X, y, names=("a", "b", "c", "d")) -> str:
     return str(path)
 
 
+def _small_pieces(monkeypatch) -> None:
+    """Many blocks and many pieces: the threads and the cuts run even on a small file."""
+    monkeypatch.setattr(reading, "BLOCK_BYTES", 4096)
+    monkeypatch.setattr(reading, "PIECE_BYTES", 97)
+
+
 def test_csv_and_parquet_give_the_same_data_set(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(reading, "BLOCK_BYTES", 4096)  # many blocks, and the arrays grow
+    _small_pieces(monkeypatch)
     X, y = _frame()
     csv = load_dataset(_write_csv(tmp_path / "d.csv", X, y))
     table = pa.table({"a": X[:, 0], "b": X[:, 1], "c": X[:, 2], "d": X[:, 3], "label": y})
@@ -47,7 +56,7 @@ def test_csv_and_parquet_give_the_same_data_set(tmp_path, monkeypatch) -> None:
 
 
 def test_a_column_that_turns_to_text_far_down_is_categorical(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(reading, "BLOCK_BYTES", 4096)
+    _small_pieces(monkeypatch)
     rows = [f"{i % 5},{'xy'[i % 2]}" for i in range(2000)] + ["unknown,x"]
     path = tmp_path / "late.csv"
     path.write_text("a,label\n" + "\n".join(rows) + "\n")
@@ -56,7 +65,7 @@ def test_a_column_that_turns_to_text_far_down_is_categorical(tmp_path, monkeypat
 
 
 def test_errors_name_the_row_and_column(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(reading, "BLOCK_BYTES", 4096)
+    _small_pieces(monkeypatch)
     body = "".join(f"{i},{i % 3},{'xy'[i % 2]}\n" for i in range(1000))
     ragged = tmp_path / "ragged.csv"
     ragged.write_text("a,b,label\n" + body + "1,2\n" + body)
@@ -70,3 +79,68 @@ def test_errors_name_the_row_and_column(tmp_path, monkeypatch) -> None:
     binary.write_bytes(b"a,label\n\xff\xfe,1\n")
     with pytest.raises(DataError, match="UTF-8"):
         load_dataset(str(binary))
+
+
+def _reference(path) -> tuple[list[str], list[list[str]]]:
+    """The header and the columns as Python's csv module reads the file (blank lines skipped)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.reader(f) if r]
+    return rows[0], [list(c) for c in zip(*rows[1:], strict=True)]
+
+
+def _assert_reads_as_reference(path) -> None:
+    header, expected = _reference(path)
+    table = reading.read_csv(path, ("",), (), np.dtype(np.float64))
+    assert table.names == header and table.n_rows == len(expected[0])
+    for name, got, want in zip(header, table.columns, expected, strict=True):
+        if isinstance(got, np.ndarray):
+            np.testing.assert_array_equal(got, [float(v) for v in want], err_msg=name)
+        else:
+            assert got == [v.strip() for v in want], name
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
+def test_pieces_cut_at_line_breaks_only_outside_quoted_cells(tmp_path, monkeypatch, newline):
+    """Cut into pieces smaller than a row, a file with quoted cells holding line breaks, commas
+    and doubled quotes, blank lines, and any line ending reads as the csv module reads it."""
+    _small_pieces(monkeypatch)
+    rng = np.random.default_rng(3)
+    lines = ["n,note,x,label"]
+    for i in range(400):
+        note = ('"two\nlines, one ""quoted"""', "plain", '"a,b"', "")[i % 4]
+        lines.append(f"{i},{note},{rng.normal():.6f},{'pq'[i % 2]}")
+        if i % 37 == 0:
+            lines.append("")  # a blank line: fewer rows than line breaks
+    path = tmp_path / "quoted.csv"
+    path.write_bytes(newline.join(lines).replace("\n", newline).encode() + newline.encode())
+    _assert_reads_as_reference(path)
+
+
+def test_a_stray_quote_in_an_unquoted_cell_costs_speed_not_rows(tmp_path, monkeypatch) -> None:
+    """A quote inside an unquoted cell (5'10") is a character, not a quote: it flips the count of
+    quotes, so a cut inside a later quoted cell looks safe; the parse that fails there is redone
+    on the whole body, and the rows are still right."""
+    _small_pieces(monkeypatch)
+    lines = ["height,note,label", "5'10\",x,a"]
+    lines += [f'{i},"line\nbreak {i}",{"ab"[i % 2]}' for i in range(300)]
+    path = tmp_path / "stray.csv"
+    path.write_text("\n".join(lines) + "\n")
+    pieces = reading._pieces(path)
+    assert len(pieces) > 1  # the cuts after the stray quote are taken
+    _assert_reads_as_reference(path)
+
+
+def test_pieces_bound_the_rows_and_place_them_in_order(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(reading, "PIECE_BYTES", 50)
+    path = tmp_path / "p.csv"
+    path.write_text("\n\na,label\n" + "".join(f"{i},{i % 2}\n" for i in range(100)) + "7,1")
+    pieces = reading._pieces(path)
+    body = path.read_bytes()
+    assert pieces[0].start == body.index(b"0,0") and pieces[-1].end == len(body)
+    for before, after in itertools.pairwise(pieces):
+        assert before.end == after.start and body[before.end - 1 : before.end] == b"\n"
+        assert after.row == before.row + before.lines
+    assert sum(p.lines for p in pieces) >= 101
+    table = reading.read_csv(path, ("",), ("label",), np.dtype(np.float32))
+    np.testing.assert_array_equal(table.columns[0], [*range(100), 7])
+    assert table.columns[0].dtype == np.float32
