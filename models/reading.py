@@ -270,8 +270,7 @@ def _parse_piece(
     failed: threading.Event,
 ) -> tuple[int, dict[int, list[str]]]:
     """Parse one piece into its rows of `block`; its row count and its text columns."""
-    missing_text = missing_values[0] if missing_values else ""
-    texts: dict[int, list[str]] = {i: [] for i in range(len(header)) if i not in numeric}
+    chunks: dict[int, list[pa.Array]] = {i: [] for i in range(len(header)) if i not in numeric}
     rows = piece.row
     with _open_piece(path, piece, header, convert) as reader:
         for batch in reader:
@@ -282,9 +281,11 @@ def _parse_piece(
                 raise RuntimeError(f"{path}: more rows than line breaks at byte {piece.start}")
             if numeric:
                 block[rows : rows + n] = batch.select(numeric).to_tensor(null_to_nan=True)
-            for i, out in texts.items():
-                out.extend(_texts(pa.chunked_array([batch.column(i)]), missing_text))
+            for i, out in chunks.items():
+                out.append(batch.column(i))
             rows += n
+    missing_text = missing_values[0] if missing_values else ""
+    texts = {i: _texts(pa.chunked_array(c, pa.string()), missing_text) for i, c in chunks.items()}
     return rows - piece.row, texts
 
 
@@ -345,9 +346,10 @@ def _texts(column: pa.ChunkedArray, missing_text: str) -> list[str]:
     label column of a million rows holds a handful of texts."""
     encoded = column.cast(pa.string()).combine_chunks().dictionary_encode()
     texts = [missing_text if v is None else v.strip() for v in encoded.dictionary.to_pylist()]
-    indices = encoded.indices.fill_null(len(texts)).cast(pa.int64()).to_pylist()
     texts.append(missing_text)
-    return [texts[i] for i in indices]
+    indices = encoded.indices.fill_null(len(texts) - 1).cast(pa.int64())
+    codes = np.frombuffer(indices.buffers()[1], np.int64, count=indices.offset + len(indices))
+    return np.array(texts, dtype=object)[codes[indices.offset :]].tolist()
 
 
 def fill_floats(out: np.ndarray, array: pa.Array) -> None:
