@@ -1,15 +1,16 @@
 """Out-of-core training (`bnserve train --stream`): data sets larger than memory, read in chunks.
 
-The file is never held at once. One streaming pass first finds the classes, counts the rows and
+The file is never held at once. One streaming pass first finds the classes, counts the rows,
 computes the standardization of the training rows (Chan's parallel update of mean and variance,
-chunk by chunk). Rows are assigned to train / validation / test by a stable hash of their
+chunk by chunk) and their training profile (models/profile.py, from a hash-chosen sample). Rows are assigned to train / validation / test by a stable hash of their
 feature values (`row_split`), so the split is reproducible without holding the data, independent
 of the row order, and duplicated rows never straddle two parts. Each epoch streams the file
 again and draws mini-batches from a shuffle buffer of several chunks; validation loss and
 accuracy take one more streaming pass with the epoch's weights. `--population-stats` computes
 each BN layer's exact statistics with one streaming pass per layer. Memory: about
 `buffer_chunks x chunk_rows x F` floats for the shuffle buffer, one chunk being read, the
-model, and 4 bytes per row for the labels (the fingerprint). The checkpoint has the same format
+model, the profile's sample (`profile.SAMPLE_ROWS x F` float64) and 4 bytes per row for the
+labels (the fingerprint). The checkpoint has the same format
 as `bnserve train`'s.
 
 Streaming needs every feature column to be a number (no categories or missing cells: those need
@@ -24,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -40,6 +42,7 @@ from bnserve.models.network import (
     loss_and_grads,
 )
 from bnserve.models.optim import make_optimizer, scheduled_lr
+from bnserve.models.profile import StreamingProfile
 from bnserve.models.reading import fill_floats, header_line, read_header
 from bnserve.models.train import (
     DTYPES,
@@ -75,8 +78,12 @@ def row_hash(X: np.ndarray) -> np.ndarray:
 def row_split(X: np.ndarray, test_split: float, val_split: float) -> np.ndarray:
     """TRAIN, VAL or TEST per row: test below `test_split`, validation the next `val_split` of
     the rest, by the row's hash."""
-    h = row_hash(X)
-    codes = np.full(len(X), TRAIN, dtype=np.int8)
+    return split_of(row_hash(X), test_split, val_split)
+
+
+def split_of(h: np.ndarray, test_split: float, val_split: float) -> np.ndarray:
+    """row_split from the rows' hashes."""
+    codes = np.full(len(h), TRAIN, dtype=np.int8)
     codes[h < test_split + (1.0 - test_split) * val_split] = VAL
     codes[h < test_split] = TEST
     return codes
@@ -201,10 +208,12 @@ class Scan:
     std: np.ndarray
     fingerprint: str
     index: dict[str, int] = field(default_factory=dict)
+    profile: dict[str, Any] = field(default_factory=dict)  # the training rows' (models/profile.py)
 
 
 def scan(source: Source, config: TrainConfig) -> Scan:
     moments = Moments(len(source.features))
+    profile = StreamingProfile(source.features)
     counts = {TRAIN: 0, VAL: 0, TEST: 0}
     hash_x = hashlib.sha256()
     seen: dict[str, int] = {}
@@ -213,8 +222,11 @@ def scan(source: Source, config: TrainConfig) -> Scan:
         bad = [i for i, t in enumerate(labels) if not t or t.lower() == "nan"]
         if bad:
             raise DataError(f"{source.path}: missing label in column {source.label!r}")
-        split = row_split(X, 0.0 if config.test else config.test_split, config.val_split)
-        moments.add(X[split == TRAIN])
+        h = row_hash(X)
+        split = split_of(h, 0.0 if config.test else config.test_split, config.val_split)
+        train = split == TRAIN
+        moments.add(X[train])
+        profile.add(X[train], h[train])  # the training rows' hashes are uniform above the cut
         for part in counts:
             counts[part] += int((split == part).sum())
         hash_x.update(np.ascontiguousarray(X, dtype=np.float64).tobytes())
@@ -232,7 +244,15 @@ def scan(source: Source, config: TrainConfig) -> Scan:
     hash_x.update(y_all.tobytes())
     hash_x.update("\x1f".join(class_names).encode())
     std = usable_std(moments.mean, np.sqrt(moments.variance()))
-    return Scan(class_names, counts, moments.mean, std, hash_x.hexdigest(), index)
+    return Scan(
+        class_names,
+        counts,
+        moments.mean,
+        std,
+        hash_x.hexdigest(),
+        index,
+        profile.result(moments.variance()),
+    )
 
 
 def _batches(
@@ -383,6 +403,7 @@ def train_stream(
         config=config.to_json() | {"data": path, "stream": True},
         data_fingerprint=info.fingerprint,
         metrics=metrics,
+        profile=info.profile,
     )
     return TrainResult(checkpoint, history, metrics)
 

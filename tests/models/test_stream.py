@@ -6,8 +6,10 @@ trains, is evaluated on its own held-out rows and converts."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
+import onnx
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -105,6 +107,12 @@ def test_train_stream_trains_evaluates_and_converts(tmp_path, kind: str, capsys)
     assert report["rows_scored"] == metrics["n_test"]
     assert report["accuracy"] == pytest.approx(metrics["test_accuracy"])
     assert main(["convert", str(out / "checkpoint.npz"), "-o", str(tmp_path / "m.onnx"), "-q"]) == 0
+    metadata = {
+        p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props
+    }  # the profile the service checks requests against
+    profile = json.loads(metadata["bnserve.profile"])
+    assert [e["name"] for e in profile["inputs"]] == ["f0", "f1", "f2", "f3"]
+    assert profile["inputs"][0]["count"] == metrics["n_train"]
 
 
 def test_stream_refuses_what_it_cannot_read(tmp_path, capsys) -> None:
@@ -112,3 +120,38 @@ def test_stream_refuses_what_it_cannot_read(tmp_path, capsys) -> None:
     path.write_text("a,b,label\n" + "".join(f"{i},x{i % 3},{i % 2}\n" for i in range(50)))
     assert main(["train", str(path), "--stream", "--out", str(tmp_path / "o")]) == 2
     assert "numeric feature columns only" in capsys.readouterr().err
+
+
+def test_the_streamed_profile_is_the_training_rows_profile(tmp_path, monkeypatch) -> None:
+    """Count, mean, std, min and max equal the in-memory profile of the same (hashed) training
+    rows; with every training row in the sample, the deciles too; with a smaller sample they are
+    a sample's, the same whatever the row order."""
+    from bnserve.models.profile import profile_of_features
+
+    csv, _ = _iris_files(tmp_path)
+    config = TrainConfig(epochs=1, hidden=(8,))
+    source = stream.open_source(csv, config, 64)
+    X = np.concatenate([chunk for chunk, _ in source.chunks()])
+    train = stream.row_split(X, config.test_split, config.val_split) == stream.TRAIN
+    expected = profile_of_features(X[train], source.features)
+    got = stream.scan(source, config).profile
+    assert got["quantiles"] == expected["quantiles"]
+    for g, e in zip(got["inputs"], expected["inputs"], strict=True):
+        assert g["count"] == e["count"] and g["min"] == e["min"] and g["max"] == e["max"]
+        np.testing.assert_allclose([g["mean"], g["std"]], [e["mean"], e["std"]], rtol=1e-12)
+        np.testing.assert_allclose(g["quantiles"], e["quantiles"], rtol=1e-12)
+
+    monkeypatch.setattr("bnserve.models.profile.SAMPLE_ROWS", 50)
+    sampled = stream.scan(source, config).profile
+    lines = Path(csv).read_text().splitlines()
+    rng = np.random.default_rng(1)
+    shuffled = tmp_path / "shuffled.csv"
+    shuffled.write_text("\n".join([lines[0], *rng.permutation(lines[1:])]) + "\n")
+    reordered = stream.scan(stream.open_source(str(shuffled), config, 64), config).profile
+    for a, b in zip(sampled["inputs"], reordered["inputs"], strict=True):
+        assert a["quantiles"] == b["quantiles"] and a["min"] == b["min"]  # the same sample
+        np.testing.assert_allclose(a["mean"], b["mean"], rtol=1e-12)  # summed in another order
+    first = sampled["inputs"][0]
+    assert first["count"] == expected["inputs"][0]["count"]  # exact, not the sample's size
+    assert first["quantiles"] != expected["inputs"][0]["quantiles"]  # a 50-row sample's
+    assert first["min"] <= first["quantiles"][0] <= first["quantiles"][-1] <= first["max"]
