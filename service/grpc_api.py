@@ -12,7 +12,8 @@ it does in raw bytes), raw contents become the binary tensor extension's bytes, 
 `binary_data_size` per input. The response carries raw outputs (`raw_output_contents`, as Triton
 answers and `tritonclient.grpc` reads) when the request sent raw inputs or asked for binary
 outputs (`binary_data_output`, an output's `binary_data`); typed contents otherwise. gRPC has no
-metadata `parameters`: labels and column descriptions stay on HTTP (`GET /v2/models/{m}`).
+metadata `parameters`: labels and column descriptions stay on HTTP (`GET /v2/models/{m}`); the
+labels are also in ModelConfig's parameters, as in the HTTP config route.
 
 Pure functions of messages and the worker's state: no grpc import, no sockets.
 """
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from google.protobuf import json_format
 
 from bnserve.service import api, v2
 from bnserve.service import grpc_messages as pb
@@ -110,6 +112,16 @@ def model_metadata(request: Any, worker: Worker) -> Any:
                 name=tensor["name"], datatype=tensor["datatype"], shape=shape
             )
     return response
+
+
+def model_config(request: Any, worker: Worker) -> Any:
+    """The HTTP route's Triton configuration (v2.triton_config) as a message: one document for
+    both protocols, so a field added there either reaches gRPC or fails here (ParseError:
+    INTERNAL, and tests/service/test_grpc_codec.py), never drifts silently."""
+    registry = worker.registry
+    runtime = registry.get(request.name, request.version or None)
+    document = v2.triton_config(registry.model(request.name), runtime, worker.config.max_batch)
+    return pb.ModelConfigResponse(config=json_format.ParseDict(document, pb.ModelConfig()))
 
 
 # -- inference --------------------------------------------------------------------------------
@@ -289,6 +301,7 @@ METHODS: tuple[Method, ...] = (
     Method("ServerMetadata", server_metadata, "/v2"),
     Method("ModelMetadata", model_metadata, "/v2/models/<name>"),
     Method("ModelInfer", model_infer, "/v2/models/<name>/infer"),
+    Method("ModelConfig", model_config, "/v2/models/<name>/config"),
     Method("RepositoryIndex", repository_index, "/v2/repository/index"),
     Method("RepositoryModelLoad", repository_model_load, "/v2/repository/models/<name>/load"),
     Method("RepositoryModelUnload", repository_model_unload, "/v2/repository/models/<name>/unload"),

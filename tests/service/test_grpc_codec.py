@@ -14,9 +14,9 @@ import grpc
 import numpy as np
 import orjson
 import pytest
-from google.protobuf import descriptor_pb2
+from google.protobuf import descriptor_pb2, json_format
 from gunicorn.errors import HaltServer
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from bnserve import errors as base_errors
 from bnserve.errors import UsageError
@@ -74,19 +74,28 @@ def _fields(message: descriptor_pb2.DescriptorProto, prefix: str = "") -> dict:
 def test_wire_compatible_with_tritonclient() -> None:
     """Every message both files define agrees on each field number they share (name, type,
     label): what one side writes, the other reads. Every method is one of Triton's, with the
-    same message types, under the same service name."""
+    same message types, under the same service name. Triton's messages come from two files:
+    grpc_service.proto and the model_config.proto it imports (ModelConfig and its parts)."""
     ours, theirs = descriptor_pb2.FileDescriptorProto(), descriptor_pb2.FileDescriptorProto()
     pb.FILE.CopyToProto(ours)
     service_pb2.DESCRIPTOR.CopyToProto(theirs)
-    assert ours.package == theirs.package == "inference"
+    config = descriptor_pb2.FileDescriptorProto()
+    model_config_pb2.DESCRIPTOR.CopyToProto(config)
+    assert ours.package == theirs.package == config.package == "inference"
     mine = {k: v for m in ours.message_type for k, v in _fields(m).items()}
-    triton = {k: v for m in theirs.message_type for k, v in _fields(m).items()}
+    triton = {
+        k: v for m in [*theirs.message_type, *config.message_type] for k, v in _fields(m).items()
+    }
     assert mine.keys() <= triton.keys()
     for name, fields in mine.items():
         shared = fields.keys() & triton[name].keys()
         assert {n: fields[n] for n in shared} == {n: triton[name][n] for n in shared}, name
         if name.endswith("Request") or name.endswith("Tensor") or "Parameter" in name:
             assert fields.keys() == triton[name].keys(), f"{name}: a field tritonclient sends"
+    triton_enums = {e.name: {v.number: v.name for v in e.value} for e in config.enum_type}
+    for enum in ours.enum_type:  # an enum travels as its number: the names must agree
+        values = {v.number: v.name for v in enum.value}
+        assert values.items() <= triton_enums[enum.name].items(), enum.name
     (service,) = ours.service
     triton_methods = {m.name: (m.input_type, m.output_type) for m in theirs.service[0].method}
     assert service.name == theirs.service[0].name == "GRPCInferenceService"
@@ -156,6 +165,23 @@ def test_typed_raw_and_http_json_answer_the_same(worker: grpc_api.Worker) -> Non
         np.testing.assert_array_equal(from_typed, np.array(output["data"], np.float32))
         np.testing.assert_array_equal(from_raw, from_typed)
     assert not typed.raw_output_contents
+
+
+def test_model_config_is_the_http_document(worker: grpc_api.Worker) -> None:
+    """ModelConfig answers v2.triton_config, the HTTP route's document, read by tritonclient's
+    own ModelConfig message: the same configuration over both protocols."""
+    request = pb.message("ModelConfigRequest")(name="clf", version="1")
+    wire = grpc_api.model_config(request, worker).SerializeToString()
+    got = service_pb2.ModelConfigResponse.FromString(wire).config
+    registry = worker.registry
+    document = v2.triton_config(registry.model("clf"), registry.get("clf", "1"), 4)
+    assert got == json_format.ParseDict(document, model_config_pb2.ModelConfig())
+    assert got.input[0].data_type == model_config_pb2.TYPE_FP32
+    assert list(got.input[0].dims) == [N_FEATURES] and got.max_batch_size == 4
+    assert list(got.version_policy.specific.versions) == [1, 2]
+    assert got.parameters["default_version"].string_value == "2"
+    with pytest.raises(errors.NotFoundError, match="no version '5'"):
+        grpc_api.model_config(pb.message("ModelConfigRequest")(name="clf", version="5"), worker)
 
 
 @pytest.mark.parametrize(
@@ -235,6 +261,8 @@ def test_a_version_that_is_not_loaded(grpc_server, worker: grpc_api.Worker) -> N
     assert code == "UNAVAILABLE" and "version 2 is not ready" in details
     code, details = call(grpc_server.ModelMetadata, service_pb2.ModelMetadataRequest(name="clf"))
     assert code == "UNAVAILABLE"  # the default version is the highest: 2
+    code, details = call(grpc_server.ModelConfig, service_pb2.ModelConfigRequest(name="clf"))
+    assert code == "UNAVAILABLE" and "version 2 is not ready" in details
 
 
 def test_draining_and_auth(grpc_server, worker: grpc_api.Worker) -> None:
