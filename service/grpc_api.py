@@ -1,4 +1,5 @@
-"""The Open Inference Protocol's gRPC methods (`inference.GRPCInferenceService`).
+"""The Open Inference Protocol's gRPC methods (`inference.GRPCInferenceService`) and the
+standard health check (`grpc.health.v1.Health`).
 
 Each method turns its protobuf request into what the HTTP V2 path works on and its answer back
 into a protobuf response; the decoding, validation, inference, classification, metadata and
@@ -26,12 +27,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from google.protobuf import json_format
+from google.protobuf import json_format, message_factory
 
 from bnserve.service import api, v2
 from bnserve.service import grpc_messages as pb
 from bnserve.service.config import ServiceConfig
-from bnserve.service.errors import BadRequestError
+from bnserve.service.errors import BadRequestError, NotFoundError
 from bnserve.service.registry import ModelRegistry
 from bnserve.service.routes import Route, is_open
 from bnserve.service.runtime import ModelRuntime
@@ -91,6 +92,19 @@ def model_ready(request: Any, worker: Worker) -> Any:
     model = registry.model(request.name)
     version = registry.version_of(model, request.version or None)
     return pb.ModelReadyResponse(ready=version in model.loaded)
+
+
+def health_check(request: Any, worker: Worker) -> Any:
+    """grpc.health.v1 Check: SERVING when ServerReady would say ready, NOT_SERVING otherwise
+    (starting, draining). The server ("") and the inference service share that one status;
+    any other name is NOT_FOUND, as the health protocol asks."""
+    if request.service not in ("", pb.SERVICE.full_name):
+        raise NotFoundError(
+            f"unknown service {request.service!r}: ask about '' (the server) or "
+            f"{pb.SERVICE.full_name!r}"
+        )
+    serving = worker.registry.ready_to_serve
+    return pb.HealthCheckResponse(status="SERVING" if serving else "NOT_SERVING")
 
 
 def server_metadata(request: Any, worker: Worker) -> Any:
@@ -281,15 +295,34 @@ def _control(request: Any, worker: Worker, action: str) -> str:
 
 @dataclass(frozen=True)
 class Method:
-    """One gRPC method: its handler, and the HTTP route that answers the same question (its
-    access rule applies: health is open, everything else needs the token when auth is on)."""
+    """One gRPC method of `service`: its handler, and the HTTP route that answers the same
+    question (its access rule applies: health is open, everything else needs the token when
+    auth is on)."""
 
     name: str
     handler: Callable[[Any, Worker], Any]
     route: str
+    service: Any = pb.SERVICE  # a ServiceDescriptor of service/grpc_messages.py
 
     def is_open(self, public_metrics: bool) -> bool:
         return is_open(_ROUTES[self.route], public_metrics)
+
+    @property
+    def path(self) -> str:
+        """The method's full name as grpc writes it: /package.Service/Method."""
+        return f"/{self.service.full_name}/{self.name}"
+
+    @property
+    def request_class(self) -> Any:
+        return message_factory.GetMessageClass(self._descriptor.input_type)
+
+    @property
+    def response_class(self) -> Any:
+        return message_factory.GetMessageClass(self._descriptor.output_type)
+
+    @property
+    def _descriptor(self) -> Any:
+        return self.service.methods_by_name[self.name]
 
 
 _ROUTES: dict[str, Route] = {route.rule: route for route in api.ROUTES}
@@ -305,8 +338,17 @@ METHODS: tuple[Method, ...] = (
     Method("RepositoryIndex", repository_index, "/v2/repository/index"),
     Method("RepositoryModelLoad", repository_model_load, "/v2/repository/models/<name>/load"),
     Method("RepositoryModelUnload", repository_model_unload, "/v2/repository/models/<name>/unload"),
+    Method("Check", health_check, "/v2/health/ready", pb.HEALTH),
 )
 
-_declared = {m.name for m in pb.SERVICE.methods}
-if {m.name for m in METHODS} != _declared or any(m.route not in _ROUTES for m in METHODS):
-    raise ValueError(f"the method table must serve exactly {sorted(_declared)}, each by a route")
+# The services the gRPC server registers: every method of each, and no other, is in METHODS.
+SERVICES: tuple[Any, ...] = (pb.SERVICE, pb.HEALTH)
+
+if any(m.route not in _ROUTES for m in METHODS):
+    raise ValueError("every gRPC method must name the HTTP route that answers the same question")
+for _service in SERVICES:
+    _declared = {m.name for m in _service.methods}
+    if {m.name for m in METHODS if m.service is _service} != _declared:
+        raise ValueError(
+            f"the table must serve exactly {sorted(_declared)} of {_service.full_name}"
+        )

@@ -78,6 +78,22 @@ def reshape(tensor, shape: list[int]) -> None:
     tensor.shape.extend(shape)
 
 
+SERVING, NOT_SERVING = b"\x08\x01", b"\x08\x02"  # HealthCheckResponse.status, field 1
+
+
+def health(live: LiveServer, service: str = "") -> tuple[str, bytes]:
+    """(status code name, response bytes) of grpc.health.v1.Health/Check on a plain channel,
+    the messages written and read by hand after gRPC's published health.proto (field 1 of each:
+    the service name, the status), not with bnserve's own definitions."""
+    request = b"\x0a" + bytes([len(service)]) + service.encode() if service else b""
+    with grpc.insecure_channel(live.grpc_url) as channel:
+        check = channel.unary_unary("/grpc.health.v1.Health/Check")
+        try:
+            return "OK", check(request, timeout=10)
+        except grpc.RpcError as exc:
+            return exc.code().name, b""
+
+
 def configs(
     live: LiveServer, model: str, version: str = "", headers: dict | None = None
 ) -> tuple[dict, dict]:
@@ -174,6 +190,17 @@ def test_classification_as_the_http_api_answers_it(server: LiveServer) -> None:
     typed = stub(server).ModelInfer(request).outputs[0]
     assert typed.datatype == "BYTES" and list(typed.shape) == [3, 2]
     assert [s.decode() for s in typed.contents.bytes_contents] == http["outputs"][0]["data"]
+
+
+def test_standard_health_check(server: LiveServer) -> None:
+    assert health(server) == ("OK", SERVING)
+    assert health(server, "inference.GRPCInferenceService") == ("OK", SERVING)
+    assert health(server, "no.such.Service")[0] == "NOT_FOUND"
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        watch = channel.unary_stream("/grpc.health.v1.Health/Watch")
+        with pytest.raises(grpc.RpcError) as caught:
+            next(watch(b"", timeout=10))
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_model_config_is_the_http_config(server: LiveServer) -> None:
@@ -344,7 +371,7 @@ def test_grpc_port_zero_disables_it(model_repo: Path, tmp_path: Path) -> None:
 
 def test_sigterm_drains_and_stops_the_grpc_process(model_repo: Path, tmp_path: Path) -> None:
     model = model_repo / "clf" / "1" / "model.onnx"
-    args = [str(model), "--model-name", "clf", "--workers", "1", "--drain-seconds", "1"]
+    args = [str(model), "--model-name", "clf", "--workers", "1", "--drain-seconds", "2"]
     live = start_server(args, tmp_path / "serve.log", {}, grpc=True)
     try:
         (grpc_pid,) = live.grpc_pids()
@@ -352,6 +379,7 @@ def test_sigterm_drains_and_stops_the_grpc_process(model_repo: Path, tmp_path: P
         assert c.is_server_ready()
         live.proc.send_signal(signal.SIGTERM)
         assert wait_for(lambda: not c.is_server_ready(), timeout=5)  # it follows the state
+        assert health(live) == ("OK", NOT_SERVING)  # draining: the standard check says so too
         assert c.infer("clf", [raw_input(X)]).as_numpy("probabilities").shape == (3, 3)
         c.close()
         assert live.proc.wait(timeout=30) == 0
@@ -403,6 +431,7 @@ def control(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 def test_token_needed_except_for_health(control: LiveServer) -> None:
     c = client(control)
     assert c.is_server_live() and c.is_server_ready()  # open, as /v2/health/* are
+    assert health(control) == ("OK", SERVING)
     for call, args in (
         (c.is_model_ready, ("clf",)),
         (c.get_server_metadata, ()),

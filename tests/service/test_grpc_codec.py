@@ -37,7 +37,8 @@ SERVICE_DIR = Path(pb.__file__).parent
 X = np.random.default_rng(3).normal(size=(2, N_FEATURES)).astype(np.float32)
 
 
-def test_descriptor_set_is_the_compiled_proto_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("proto_file", pb.PROTO_FILES)
+def test_descriptor_set_is_the_compiled_proto_file(tmp_path: Path, proto_file: str) -> None:
     """scripts/grpc_codegen.sh was run after the last edit of the proto file."""
     pytest.importorskip("grpc_tools")
     out = tmp_path / "compiled.binpb"
@@ -48,12 +49,14 @@ def test_descriptor_set_is_the_compiled_proto_file(tmp_path: Path) -> None:
             "grpc_tools.protoc",
             f"-I{SERVICE_DIR}",
             f"--descriptor_set_out={out}",
-            pb.PROTO_FILE,
+            proto_file,
         ],
         check=True,
     )
     compiled = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
-    shipped = descriptor_pb2.FileDescriptorSet.FromString(pb.DESCRIPTOR_SET.read_bytes())
+    shipped = descriptor_pb2.FileDescriptorSet.FromString(
+        pb.descriptor_set(proto_file).read_bytes()
+    )
     assert compiled == shipped, "run scripts/grpc_codegen.sh"
 
 
@@ -119,9 +122,10 @@ def test_every_error_has_a_grpc_status() -> None:
 
 
 def test_only_the_health_methods_are_open() -> None:
-    assert [m.name for m in grpc_api.METHODS if m.is_open(public_metrics=True)] == [
-        "ServerLive",
-        "ServerReady",
+    assert [m.path for m in grpc_api.METHODS if m.is_open(public_metrics=True)] == [
+        "/inference.GRPCInferenceService/ServerLive",
+        "/inference.GRPCInferenceService/ServerReady",
+        "/grpc.health.v1.Health/Check",
     ]
 
 
@@ -234,14 +238,20 @@ def test_kserve_layout_names_the_model_in_field_one(worker: grpc_api.Worker) -> 
 
 
 @pytest.fixture
-def grpc_server(worker: grpc_api.Worker) -> object:
+def grpc_channel(worker: grpc_api.Worker) -> object:
+    """A channel to one worker's gRPC server, with a token."""
     config = ServiceConfig(model=worker.config.model, grpc_port=free_port(), max_batch=4)
     auth = BearerAuth((b"token-123456",), frozenset())
     server = GrpcServer(Gateway(config, worker.registry, auth=auth), config)
     channel = grpc.insecure_channel(f"127.0.0.1:{config.grpc_port}")
-    yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    yield channel
     channel.close()
     server.stop(0).wait()
+
+
+@pytest.fixture
+def grpc_server(grpc_channel) -> object:
+    return service_pb2_grpc.GRPCInferenceServiceStub(grpc_channel)
 
 
 def call(method, message, token: str | None = "token-123456") -> tuple[str, object]:
@@ -263,6 +273,26 @@ def test_a_version_that_is_not_loaded(grpc_server, worker: grpc_api.Worker) -> N
     assert code == "UNAVAILABLE"  # the default version is the highest: 2
     code, details = call(grpc_server.ModelConfig, service_pb2.ModelConfigRequest(name="clf"))
     assert code == "UNAVAILABLE" and "version 2 is not ready" in details
+
+
+def test_health_check_follows_readiness(grpc_channel) -> None:
+    """grpc.health.v1 Check needs no token and says NOT_SERVING while ServerReady says false
+    (here: clf/2 is not loaded); an unknown service is NOT_FOUND. Watch is not served."""
+    request = pb.message("HealthCheckRequest", pb.HEALTH_FILE)
+    check = grpc_channel.unary_unary(
+        "/grpc.health.v1.Health/Check",
+        request_serializer=request.SerializeToString,
+        response_deserializer=pb.HealthCheckResponse.FromString,
+    )
+    for service in ("", "inference.GRPCInferenceService"):
+        code, response = call(check, request(service=service), None)
+        assert code == "OK" and response.status == pb.HealthCheckResponse.NOT_SERVING
+    code, details = call(check, request(service="nope.Service"), None)
+    assert code == "NOT_FOUND" and "unknown service 'nope.Service'" in details
+    watch = grpc_channel.unary_stream("/grpc.health.v1.Health/Watch")
+    with pytest.raises(grpc.RpcError) as caught:
+        next(watch(b""))
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_draining_and_auth(grpc_server, worker: grpc_api.Worker) -> None:
