@@ -1,4 +1,5 @@
-"""The Open Inference Protocol's gRPC methods (`inference.GRPCInferenceService`).
+"""The Open Inference Protocol's gRPC methods (`inference.GRPCInferenceService`) and the
+standard health check (`grpc.health.v1.Health`).
 
 Each method turns its protobuf request into what the HTTP V2 path works on and its answer back
 into a protobuf response; the decoding, validation, inference, classification, metadata and
@@ -12,7 +13,8 @@ it does in raw bytes), raw contents become the binary tensor extension's bytes, 
 `binary_data_size` per input. The response carries raw outputs (`raw_output_contents`, as Triton
 answers and `tritonclient.grpc` reads) when the request sent raw inputs or asked for binary
 outputs (`binary_data_output`, an output's `binary_data`); typed contents otherwise. gRPC has no
-metadata `parameters`: labels and column descriptions stay on HTTP (`GET /v2/models/{m}`).
+metadata `parameters`: labels and column descriptions stay on HTTP (`GET /v2/models/{m}`); the
+labels are also in ModelConfig's parameters, as in the HTTP config route.
 
 Pure functions of messages and the worker's state: no grpc import, no sockets.
 """
@@ -25,11 +27,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from google.protobuf import json_format, message_factory
 
 from bnserve.service import api, v2
 from bnserve.service import grpc_messages as pb
 from bnserve.service.config import ServiceConfig
-from bnserve.service.errors import BadRequestError
+from bnserve.service.errors import BadRequestError, NotFoundError
 from bnserve.service.registry import ModelRegistry
 from bnserve.service.routes import Route, is_open
 from bnserve.service.runtime import ModelRuntime
@@ -91,6 +94,19 @@ def model_ready(request: Any, worker: Worker) -> Any:
     return pb.ModelReadyResponse(ready=version in model.loaded)
 
 
+def health_check(request: Any, worker: Worker) -> Any:
+    """grpc.health.v1 Check: SERVING when ServerReady would say ready, NOT_SERVING otherwise
+    (starting, draining). The server ("") and the inference service share that one status;
+    any other name is NOT_FOUND, as the health protocol asks."""
+    if request.service not in ("", pb.SERVICE.full_name):
+        raise NotFoundError(
+            f"unknown service {request.service!r}: ask about '' (the server) or "
+            f"{pb.SERVICE.full_name!r}"
+        )
+    serving = worker.registry.ready_to_serve
+    return pb.HealthCheckResponse(status="SERVING" if serving else "NOT_SERVING")
+
+
 def server_metadata(request: Any, worker: Worker) -> Any:
     return pb.ServerMetadataResponse(**v2.server_metadata())
 
@@ -110,6 +126,16 @@ def model_metadata(request: Any, worker: Worker) -> Any:
                 name=tensor["name"], datatype=tensor["datatype"], shape=shape
             )
     return response
+
+
+def model_config(request: Any, worker: Worker) -> Any:
+    """The HTTP route's Triton configuration (v2.triton_config) as a message: one document for
+    both protocols, so a field added there either reaches gRPC or fails here (ParseError:
+    INTERNAL, and tests/service/test_grpc_codec.py), never drifts silently."""
+    registry = worker.registry
+    runtime = registry.get(request.name, request.version or None)
+    document = v2.triton_config(registry.model(request.name), runtime, worker.config.max_batch)
+    return pb.ModelConfigResponse(config=json_format.ParseDict(document, pb.ModelConfig()))
 
 
 # -- inference --------------------------------------------------------------------------------
@@ -269,15 +295,34 @@ def _control(request: Any, worker: Worker, action: str) -> str:
 
 @dataclass(frozen=True)
 class Method:
-    """One gRPC method: its handler, and the HTTP route that answers the same question (its
-    access rule applies: health is open, everything else needs the token when auth is on)."""
+    """One gRPC method of `service`: its handler, and the HTTP route that answers the same
+    question (its access rule applies: health is open, everything else needs the token when
+    auth is on)."""
 
     name: str
     handler: Callable[[Any, Worker], Any]
     route: str
+    service: Any = pb.SERVICE  # a ServiceDescriptor of service/grpc_messages.py
 
     def is_open(self, public_metrics: bool) -> bool:
         return is_open(_ROUTES[self.route], public_metrics)
+
+    @property
+    def path(self) -> str:
+        """The method's full name as grpc writes it: /package.Service/Method."""
+        return f"/{self.service.full_name}/{self.name}"
+
+    @property
+    def request_class(self) -> Any:
+        return message_factory.GetMessageClass(self._descriptor.input_type)
+
+    @property
+    def response_class(self) -> Any:
+        return message_factory.GetMessageClass(self._descriptor.output_type)
+
+    @property
+    def _descriptor(self) -> Any:
+        return self.service.methods_by_name[self.name]
 
 
 _ROUTES: dict[str, Route] = {route.rule: route for route in api.ROUTES}
@@ -289,11 +334,21 @@ METHODS: tuple[Method, ...] = (
     Method("ServerMetadata", server_metadata, "/v2"),
     Method("ModelMetadata", model_metadata, "/v2/models/<name>"),
     Method("ModelInfer", model_infer, "/v2/models/<name>/infer"),
+    Method("ModelConfig", model_config, "/v2/models/<name>/config"),
     Method("RepositoryIndex", repository_index, "/v2/repository/index"),
     Method("RepositoryModelLoad", repository_model_load, "/v2/repository/models/<name>/load"),
     Method("RepositoryModelUnload", repository_model_unload, "/v2/repository/models/<name>/unload"),
+    Method("Check", health_check, "/v2/health/ready", pb.HEALTH),
 )
 
-_declared = {m.name for m in pb.SERVICE.methods}
-if {m.name for m in METHODS} != _declared or any(m.route not in _ROUTES for m in METHODS):
-    raise ValueError(f"the method table must serve exactly {sorted(_declared)}, each by a route")
+# The services the gRPC server registers: every method of each, and no other, is in METHODS.
+SERVICES: tuple[Any, ...] = (pb.SERVICE, pb.HEALTH)
+
+if any(m.route not in _ROUTES for m in METHODS):
+    raise ValueError("every gRPC method must name the HTTP route that answers the same question")
+for _service in SERVICES:
+    _declared = {m.name for m in _service.methods}
+    if {m.name for m in METHODS if m.service is _service} != _declared:
+        raise ValueError(
+            f"the table must serve exactly {sorted(_declared)} of {_service.full_name}"
+        )

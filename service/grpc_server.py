@@ -1,4 +1,5 @@
-"""The gRPC process: the Open Inference Protocol on `--grpc-port`, next to the gunicorn workers.
+"""The gRPC process: the Open Inference Protocol and the standard health service
+(grpc.health.v1.Health, Check) on `--grpc-port`, next to the gunicorn workers.
 
 The gunicorn master starts `--grpc-workers` of these (`python -m bnserve.service.grpc_server
 RUNTIME_DIR`, a fresh interpreter: nothing inherited from the master), restarts one that dies and
@@ -40,7 +41,6 @@ import grpc
 
 from bnserve.errors import BnserveError
 from bnserve.service import grpc_api
-from bnserve.service import grpc_messages as pb
 from bnserve.service.config import GRPC_BOOT_ERROR, ServiceConfig, bracketed
 from bnserve.service.errors import grpc_status
 from bnserve.service.logs import SANE_REQUEST_ID, configure_logging
@@ -72,26 +72,28 @@ class GrpcServer:
                 ("grpc.so_reuseport", 1),
             ],
         )
-        handlers = {
-            method.name: grpc.unary_unary_rpc_method_handler(
-                self._handler(method),
-                request_deserializer=pb.message(_input_type(method.name)).FromString,
-                response_serializer=pb.message(_output_type(method.name)).SerializeToString,
-            )
-            for method in grpc_api.METHODS
-        }
-        self.server.add_registered_method_handlers(pb.SERVICE.full_name, handlers)
+        for service in grpc_api.SERVICES:
+            handlers = {
+                method.name: grpc.unary_unary_rpc_method_handler(
+                    self._handler(method),
+                    request_deserializer=method.request_class.FromString,
+                    response_serializer=method.response_class.SerializeToString,
+                )
+                for method in grpc_api.METHODS
+                if method.service is service
+            }
+            self.server.add_registered_method_handlers(service.full_name, handlers)
         self.address = f"{bracketed(config.host)}:{config.grpc_port}"
         self.server.add_insecure_port(self.address)  # RuntimeError when it cannot bind
         self.server.start()
-        log.debug("gRPC (inference.GRPCInferenceService) on %s", self.address)
+        log.debug("gRPC (%s) on %s", services(), self.address)
 
     def _handler(self, method: grpc_api.Method) -> Callable[[Any, Any], Any]:
         """The grpc handler of `method`: request id, state watch, auth, errors, metrics, log."""
         gateway = self.gateway
         open_ = method.is_open(self.config.public_metrics)
-        empty = pb.message(_output_type(method.name))
-        path = f"/{pb.SERVICE.full_name}/{method.name}"
+        empty = method.response_class
+        path = method.path
 
         def handle(request: Any, context: Any) -> Any:
             start = time.perf_counter()
@@ -151,12 +153,8 @@ class _Refusal(Exception):
         self.code, self.message = code, message
 
 
-def _input_type(name: str) -> str:
-    return pb.SERVICE.methods_by_name[name].input_type.name
-
-
-def _output_type(name: str) -> str:
-    return pb.SERVICE.methods_by_name[name].output_type.name
+def services() -> str:
+    return ", ".join(service.full_name for service in grpc_api.SERVICES)
 
 
 # -- the process ---------------------------------------------------------------------------------
@@ -181,7 +179,7 @@ def serve(runtime_dir: str, poll: float = 1.0) -> int:
     except Exception:  # no state, no models, a port it cannot bind: the master halts
         log.exception("the gRPC server cannot start")
         return GRPC_BOOT_ERROR
-    log.info("gRPC process %d serving %s on %s", os.getpid(), pb.SERVICE.full_name, server.address)
+    log.info("gRPC process %d serving %s on %s", os.getpid(), services(), server.address)
     while not stopping.wait(poll):
         if os.getppid() != master:
             log.warning("the gunicorn master is gone: stopping the gRPC process")

@@ -108,7 +108,7 @@ class Metrics:
         )
         self.grpc_requests = Counter(
             "bnserve_grpc_requests_total",
-            "gRPC calls answered (Open Inference Protocol), by method and status code",
+            "gRPC calls answered (Open Inference Protocol and health checks), by method and status code",
             ["method", "code"],
         )
         self.grpc_request_seconds = Histogram(

@@ -4,7 +4,7 @@ Health answers by status code, metadata describes models in the protocol's shape
 device and the converter's reports under `parameters`), and `infer` speaks JSON tensors, the
 binary tensor data extension and the classification extension, so `tritonclient.http` works with
 its defaults. The gRPC methods of the same protocol (service/grpc_api.py) call the functions
-here for everything but the transport: `infer_tensors`, `model_metadata`,
+here for everything but the transport: `infer_tensors`, `model_metadata`, `triton_config`,
 `repository_index_document`, `change_model`.
 """
 
@@ -315,7 +315,9 @@ TRITON_TYPES = {
 
 def triton_config(model: ModelVersions, runtime: ModelRuntime, max_batch: int) -> dict[str, Any]:
     """The model in Triton's model-configuration JSON (what `get_model_config` returns): the
-    batch dimension is implicit (`max_batch_size` > 0), so `dims` leave it out."""
+    batch dimension is implicit (`max_batch_size` > 0), so `dims` leave it out. gRPC's
+    ModelConfig parses this document into Triton's message: only fields of its ModelConfig
+    (service/grpc_predict_v2.proto) may appear here."""
     metadata = model_metadata(model, runtime)
 
     def tensors(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ and the gRPC processes' lifecycle (restart, drain, stop, a killed master)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections.abc import Iterator
@@ -17,12 +18,14 @@ import onnxruntime as ort
 import pytest
 import requests
 import tritonclient.grpc as tg
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from tests.service.production import metrics, sample, wait_for
 from tests.service.support import (
     COLUMN_LABELS,
+    LABELS,
     MAX_BATCH,
     MAX_BODY_BYTES,
     N_FEATURES,
@@ -73,6 +76,39 @@ def typed_request(x: np.ndarray, **fields) -> service_pb2.ModelInferRequest:
 def reshape(tensor, shape: list[int]) -> None:
     del tensor.shape[:]
     tensor.shape.extend(shape)
+
+
+SERVING, NOT_SERVING = b"\x08\x01", b"\x08\x02"  # HealthCheckResponse.status, field 1
+
+
+def health(live: LiveServer, service: str = "") -> tuple[str, bytes]:
+    """(status code name, response bytes) of grpc.health.v1.Health/Check on a plain channel,
+    the messages written and read by hand after gRPC's published health.proto (field 1 of each:
+    the service name, the status), not with bnserve's own definitions."""
+    request = b"\x0a" + bytes([len(service)]) + service.encode() if service else b""
+    with grpc.insecure_channel(live.grpc_url) as channel:
+        check = channel.unary_unary("/grpc.health.v1.Health/Check")
+        try:
+            return "OK", check(request, timeout=10)
+        except grpc.RpcError as exc:
+            return exc.code().name, b""
+
+
+def configs(
+    live: LiveServer, model: str, version: str = "", headers: dict | None = None
+) -> tuple[dict, dict]:
+    """(the gRPC ModelConfig as tritonclient's `as_json` writes it, the HTTP `/config` JSON read
+    through tritonclient's ModelConfig message and written the same way: MessageToJson writes
+    int64 values as strings, so the two documents compare field by field)."""
+    got = client(live).get_model_config(model, version, headers=headers, as_json=True)["config"]
+    path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/config"
+    answer = requests.get(live.url + path, headers=headers, timeout=5)
+    answer.raise_for_status()
+    http = answer.json()
+    message = json_format.ParseDict(http, model_config_pb2.ModelConfig())
+    as_json = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    assert as_json.keys() == http.keys()  # nothing the HTTP document holds is left out
+    return got, as_json
 
 
 # --- the shared session server: repository, model control none, no token ---------------------
@@ -156,6 +192,55 @@ def test_classification_as_the_http_api_answers_it(server: LiveServer) -> None:
     assert [s.decode() for s in typed.contents.bytes_contents] == http["outputs"][0]["data"]
 
 
+def test_standard_health_check(server: LiveServer) -> None:
+    assert health(server) == ("OK", SERVING)
+    assert health(server, "inference.GRPCInferenceService") == ("OK", SERVING)
+    assert health(server, "no.such.Service")[0] == "NOT_FOUND"
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        watch = channel.unary_stream("/grpc.health.v1.Health/Watch")
+        with pytest.raises(grpc.RpcError) as caught:
+            next(watch(b"", timeout=10))
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_model_config_is_the_http_config(server: LiveServer) -> None:
+    got, http = configs(server, "clf")
+    assert got == http
+    assert (got["name"], got["platform"], got["backend"]) == (
+        "clf",
+        "onnxruntime_onnx",
+        "onnxruntime",
+    )
+    assert got["max_batch_size"] == MAX_BATCH
+    assert got["version_policy"] == {"specific": {"versions": ["1", "2", "10"]}}
+    assert got["input"] == [{"name": "input", "data_type": "TYPE_FP32", "dims": [str(N_FEATURES)]}]
+    assert [(o["name"], o["data_type"], o["dims"]) for o in got["output"]] == [
+        ("probabilities", "TYPE_FP32", [str(len(LABELS))]),
+        ("logits", "TYPE_FP32", [str(len(LABELS))]),
+    ]
+    assert got["parameters"]["default_version"] == {"string_value": "10"}
+    assert json.loads(got["parameters"]["labels"]["string_value"]) == LABELS
+    # the protobuf message tritonclient returns without as_json: Triton's own type
+    message = client(server).get_model_config("clf").config
+    assert message.input[0].data_type == model_config_pb2.TYPE_FP32
+    assert list(message.version_policy.specific.versions) == [1, 2, 10]
+
+
+@pytest.mark.parametrize(("model", "version"), [("clf", "1"), ("clf", "10"), ("foreign", "1")])
+def test_model_config_of_a_version(server: LiveServer, model: str, version: str) -> None:
+    got, http = configs(server, model, version)
+    assert got == http and got["name"] == model
+
+
+def test_model_config_of_unknown_models_and_versions(server: LiveServer) -> None:
+    c = client(server)
+    code, message = status(c.get_model_config, "nope")
+    assert code == "NOT_FOUND" and "unknown model 'nope'" in message
+    code, message = status(c.get_model_config, "clf", "7")
+    assert code == "NOT_FOUND" and "has no version '7'" in message
+    assert status(c.get_model_config, "clf", "3")[0] == "NOT_FOUND"  # a folder without a model
+
+
 @pytest.mark.parametrize(
     ("change", "code", "message"),
     [
@@ -227,7 +312,6 @@ def test_model_control_none_is_permission_denied(server: LiveServer) -> None:
         ("clf", "10", "READY"),
         ("foreign", "1", "READY"),
     }
-    assert status(c.get_model_config, "clf")[0] == "UNIMPLEMENTED"  # not served
 
 
 def test_grpc_calls_are_counted_and_logged(server: LiveServer) -> None:
@@ -287,7 +371,7 @@ def test_grpc_port_zero_disables_it(model_repo: Path, tmp_path: Path) -> None:
 
 def test_sigterm_drains_and_stops_the_grpc_process(model_repo: Path, tmp_path: Path) -> None:
     model = model_repo / "clf" / "1" / "model.onnx"
-    args = [str(model), "--model-name", "clf", "--workers", "1", "--drain-seconds", "1"]
+    args = [str(model), "--model-name", "clf", "--workers", "1", "--drain-seconds", "2"]
     live = start_server(args, tmp_path / "serve.log", {}, grpc=True)
     try:
         (grpc_pid,) = live.grpc_pids()
@@ -295,6 +379,7 @@ def test_sigterm_drains_and_stops_the_grpc_process(model_repo: Path, tmp_path: P
         assert c.is_server_ready()
         live.proc.send_signal(signal.SIGTERM)
         assert wait_for(lambda: not c.is_server_ready(), timeout=5)  # it follows the state
+        assert health(live) == ("OK", NOT_SERVING)  # draining: the standard check says so too
         assert c.infer("clf", [raw_input(X)]).as_numpy("probabilities").shape == (3, 3)
         c.close()
         assert live.proc.wait(timeout=30) == 0
@@ -346,11 +431,13 @@ def control(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 def test_token_needed_except_for_health(control: LiveServer) -> None:
     c = client(control)
     assert c.is_server_live() and c.is_server_ready()  # open, as /v2/health/* are
+    assert health(control) == ("OK", SERVING)
     for call, args in (
         (c.is_model_ready, ("clf",)),
         (c.get_server_metadata, ()),
         (c.get_model_repository_index, ()),
         (c.infer, ("clf", [raw_input(X)])),
+        (c.get_model_config, ("clf",)),
         (c.load_model, ("clf",)),
     ):
         code, message = status(call, *args)
@@ -359,6 +446,17 @@ def test_token_needed_except_for_health(control: LiveServer) -> None:
         assert code == "UNAUTHENTICATED"
     assert c.is_model_ready("clf", headers=AUTH)
     assert c.infer("clf", [raw_input(X)], headers=AUTH).as_numpy("probabilities").shape == (3, 3)
+    got, http = configs(control, "clf", headers=AUTH)
+    assert got == http
+
+
+def test_model_config_of_a_raw_column_model(control: LiveServer) -> None:
+    got, http = configs(control, "penguin", "1", headers=AUTH)
+    assert got == http
+    assert [(i["name"], i["data_type"], i["dims"]) for i in got["input"]] == [
+        ("island", "TYPE_STRING", ["1"]),
+        ("bill", "TYPE_FP32", ["1"]),
+    ]
 
 
 def test_load_and_unload_follow_every_process(control: LiveServer) -> None:

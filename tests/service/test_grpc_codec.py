@@ -14,9 +14,9 @@ import grpc
 import numpy as np
 import orjson
 import pytest
-from google.protobuf import descriptor_pb2
+from google.protobuf import descriptor_pb2, json_format
 from gunicorn.errors import HaltServer
-from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from bnserve import errors as base_errors
 from bnserve.errors import UsageError
@@ -37,7 +37,8 @@ SERVICE_DIR = Path(pb.__file__).parent
 X = np.random.default_rng(3).normal(size=(2, N_FEATURES)).astype(np.float32)
 
 
-def test_descriptor_set_is_the_compiled_proto_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("proto_file", pb.PROTO_FILES)
+def test_descriptor_set_is_the_compiled_proto_file(tmp_path: Path, proto_file: str) -> None:
     """scripts/grpc_codegen.sh was run after the last edit of the proto file."""
     pytest.importorskip("grpc_tools")
     out = tmp_path / "compiled.binpb"
@@ -48,12 +49,14 @@ def test_descriptor_set_is_the_compiled_proto_file(tmp_path: Path) -> None:
             "grpc_tools.protoc",
             f"-I{SERVICE_DIR}",
             f"--descriptor_set_out={out}",
-            pb.PROTO_FILE,
+            proto_file,
         ],
         check=True,
     )
     compiled = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
-    shipped = descriptor_pb2.FileDescriptorSet.FromString(pb.DESCRIPTOR_SET.read_bytes())
+    shipped = descriptor_pb2.FileDescriptorSet.FromString(
+        pb.descriptor_set(proto_file).read_bytes()
+    )
     assert compiled == shipped, "run scripts/grpc_codegen.sh"
 
 
@@ -74,19 +77,28 @@ def _fields(message: descriptor_pb2.DescriptorProto, prefix: str = "") -> dict:
 def test_wire_compatible_with_tritonclient() -> None:
     """Every message both files define agrees on each field number they share (name, type,
     label): what one side writes, the other reads. Every method is one of Triton's, with the
-    same message types, under the same service name."""
+    same message types, under the same service name. Triton's messages come from two files:
+    grpc_service.proto and the model_config.proto it imports (ModelConfig and its parts)."""
     ours, theirs = descriptor_pb2.FileDescriptorProto(), descriptor_pb2.FileDescriptorProto()
     pb.FILE.CopyToProto(ours)
     service_pb2.DESCRIPTOR.CopyToProto(theirs)
-    assert ours.package == theirs.package == "inference"
+    config = descriptor_pb2.FileDescriptorProto()
+    model_config_pb2.DESCRIPTOR.CopyToProto(config)
+    assert ours.package == theirs.package == config.package == "inference"
     mine = {k: v for m in ours.message_type for k, v in _fields(m).items()}
-    triton = {k: v for m in theirs.message_type for k, v in _fields(m).items()}
+    triton = {
+        k: v for m in [*theirs.message_type, *config.message_type] for k, v in _fields(m).items()
+    }
     assert mine.keys() <= triton.keys()
     for name, fields in mine.items():
         shared = fields.keys() & triton[name].keys()
         assert {n: fields[n] for n in shared} == {n: triton[name][n] for n in shared}, name
         if name.endswith("Request") or name.endswith("Tensor") or "Parameter" in name:
             assert fields.keys() == triton[name].keys(), f"{name}: a field tritonclient sends"
+    triton_enums = {e.name: {v.number: v.name for v in e.value} for e in config.enum_type}
+    for enum in ours.enum_type:  # an enum travels as its number: the names must agree
+        values = {v.number: v.name for v in enum.value}
+        assert values.items() <= triton_enums[enum.name].items(), enum.name
     (service,) = ours.service
     triton_methods = {m.name: (m.input_type, m.output_type) for m in theirs.service[0].method}
     assert service.name == theirs.service[0].name == "GRPCInferenceService"
@@ -110,9 +122,10 @@ def test_every_error_has_a_grpc_status() -> None:
 
 
 def test_only_the_health_methods_are_open() -> None:
-    assert [m.name for m in grpc_api.METHODS if m.is_open(public_metrics=True)] == [
-        "ServerLive",
-        "ServerReady",
+    assert [m.path for m in grpc_api.METHODS if m.is_open(public_metrics=True)] == [
+        "/inference.GRPCInferenceService/ServerLive",
+        "/inference.GRPCInferenceService/ServerReady",
+        "/grpc.health.v1.Health/Check",
     ]
 
 
@@ -156,6 +169,23 @@ def test_typed_raw_and_http_json_answer_the_same(worker: grpc_api.Worker) -> Non
         np.testing.assert_array_equal(from_typed, np.array(output["data"], np.float32))
         np.testing.assert_array_equal(from_raw, from_typed)
     assert not typed.raw_output_contents
+
+
+def test_model_config_is_the_http_document(worker: grpc_api.Worker) -> None:
+    """ModelConfig answers v2.triton_config, the HTTP route's document, read by tritonclient's
+    own ModelConfig message: the same configuration over both protocols."""
+    request = pb.message("ModelConfigRequest")(name="clf", version="1")
+    wire = grpc_api.model_config(request, worker).SerializeToString()
+    got = service_pb2.ModelConfigResponse.FromString(wire).config
+    registry = worker.registry
+    document = v2.triton_config(registry.model("clf"), registry.get("clf", "1"), 4)
+    assert got == json_format.ParseDict(document, model_config_pb2.ModelConfig())
+    assert got.input[0].data_type == model_config_pb2.TYPE_FP32
+    assert list(got.input[0].dims) == [N_FEATURES] and got.max_batch_size == 4
+    assert list(got.version_policy.specific.versions) == [1, 2]
+    assert got.parameters["default_version"].string_value == "2"
+    with pytest.raises(errors.NotFoundError, match="no version '5'"):
+        grpc_api.model_config(pb.message("ModelConfigRequest")(name="clf", version="5"), worker)
 
 
 @pytest.mark.parametrize(
@@ -208,14 +238,20 @@ def test_kserve_layout_names_the_model_in_field_one(worker: grpc_api.Worker) -> 
 
 
 @pytest.fixture
-def grpc_server(worker: grpc_api.Worker) -> object:
+def grpc_channel(worker: grpc_api.Worker) -> object:
+    """A channel to one worker's gRPC server, with a token."""
     config = ServiceConfig(model=worker.config.model, grpc_port=free_port(), max_batch=4)
     auth = BearerAuth((b"token-123456",), frozenset())
     server = GrpcServer(Gateway(config, worker.registry, auth=auth), config)
     channel = grpc.insecure_channel(f"127.0.0.1:{config.grpc_port}")
-    yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    yield channel
     channel.close()
     server.stop(0).wait()
+
+
+@pytest.fixture
+def grpc_server(grpc_channel) -> object:
+    return service_pb2_grpc.GRPCInferenceServiceStub(grpc_channel)
 
 
 def call(method, message, token: str | None = "token-123456") -> tuple[str, object]:
@@ -235,6 +271,28 @@ def test_a_version_that_is_not_loaded(grpc_server, worker: grpc_api.Worker) -> N
     assert code == "UNAVAILABLE" and "version 2 is not ready" in details
     code, details = call(grpc_server.ModelMetadata, service_pb2.ModelMetadataRequest(name="clf"))
     assert code == "UNAVAILABLE"  # the default version is the highest: 2
+    code, details = call(grpc_server.ModelConfig, service_pb2.ModelConfigRequest(name="clf"))
+    assert code == "UNAVAILABLE" and "version 2 is not ready" in details
+
+
+def test_health_check_follows_readiness(grpc_channel) -> None:
+    """grpc.health.v1 Check needs no token and says NOT_SERVING while ServerReady says false
+    (here: clf/2 is not loaded); an unknown service is NOT_FOUND. Watch is not served."""
+    request = pb.message("HealthCheckRequest", pb.HEALTH_FILE)
+    check = grpc_channel.unary_unary(
+        "/grpc.health.v1.Health/Check",
+        request_serializer=request.SerializeToString,
+        response_deserializer=pb.HealthCheckResponse.FromString,
+    )
+    for service in ("", "inference.GRPCInferenceService"):
+        code, response = call(check, request(service=service), None)
+        assert code == "OK" and response.status == pb.HealthCheckResponse.NOT_SERVING
+    code, details = call(check, request(service="nope.Service"), None)
+    assert code == "NOT_FOUND" and "unknown service 'nope.Service'" in details
+    watch = grpc_channel.unary_stream("/grpc.health.v1.Health/Watch")
+    with pytest.raises(grpc.RpcError) as caught:
+        next(watch(b""))
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
 def test_draining_and_auth(grpc_server, worker: grpc_api.Worker) -> None:
