@@ -13,21 +13,27 @@ as one fused graph (`bnserve convert ENSEMBLE`) and as K separate models; onnxru
 with the session options of `bnserve serve` (one intra-op thread, ORT_ENABLE_ALL); batch-1 latency
 (p50/p99 of single calls) and batch-64 rows/s of: one member alone, the fused graph, and K
 sessions run one after the other with their probabilities averaged in numpy. Measured in rounds,
-every variant once per round, medians over the rounds.
+every variant once per round, medians over the rounds. Then over HTTP (`http_rows`): one
+`bnserve serve` worker serving one member, the fused graph and the K members as K models, in
+predictions/s under `wrk` (K requests per prediction for the K models).
 
     python bench/ensemble.py [--data sklearn:digits,sklearn:breast_cancer] [--seeds 0,1,2,3,4]
                              [--sizes 1,3,5,10] [--jobs N] [--rounds 5] [--seconds 0.5]
+                             [--http-members 5] [--http-seconds 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import serve as http_bench  # bench/serve.py, next to this script
 from data_scale import cpu_name  # bench/data_scale.py, next to this script
 from ensemble_layout import measure, session, table  # bench/ensemble_layout.py, next to this script
 
@@ -113,6 +119,52 @@ def serving_rows(
     return measure(variants, x1, x64, rounds, seconds)
 
 
+def http_rows(run: EnsembleResult, k: int, rounds: int, seconds: float) -> dict[str, float]:
+    """Predictions/s over HTTP (`POST /models/{m}/predict`, one test row, `wrk -t1 -c8`
+    keep-alive) of one member, the fused K-member graph, and the K members served as K models
+    (what a user does by hand: K requests per prediction, averaged by the client, so
+    predictions/s is requests/s over K); one `bnserve serve` worker serves all of them, the
+    variants alternate round after round; medians over the rounds."""
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        repo = tmp / "repo"
+        for i, member in enumerate(run.members[:k]):
+            save_checkpoint(member.checkpoint, tmp / f"m{i}.npz")
+            (repo / f"member{i}" / "1").mkdir(parents=True)
+            convert_checkpoint(tmp / f"m{i}.npz", repo / f"member{i}" / "1" / "model.onnx")
+        part = EnsembleResult(run.config, run.members[:k], run.seeds[:k], {})
+        manifest = write_ensemble(
+            part, tmp / "ens", lambda r, folder: save_checkpoint(r.checkpoint, folder / "c.npz")
+        )
+        (repo / "fused" / "1").mkdir(parents=True)
+        convert_ensemble(manifest, repo / "fused" / "1" / "model.onnx")
+        assert run.splits is not None
+        http_bench.BODY = json.dumps({"features": run.splits.X_test[0].tolist()}).encode()
+        members = [f"/models/member{i}/predict" for i in range(k)]
+        variants = {  # name: (wrk script, path, requests per prediction)
+            "one member": (http_bench.wrk_script(tmp / "a.lua", http_bench.BODY, False), members[0], 1),
+            f"fused K={k}": (http_bench.wrk_script(tmp / "b.lua", http_bench.BODY, False), "/models/fused/predict", 1),
+            f"{k} models": (http_bench.wrk_script(tmp / "c.lua", http_bench.BODY, False, members), members[0], k),
+        }  # fmt: skip
+        port = http_bench.free_port()
+        argv = [sys.executable, "-m", "bnserve", "serve", str(repo), "--port", str(port),
+                "--workers", "1", "--grpc-port", "0", "--log-level", "warning"]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": http_bench.python_path()}
+        server = http_bench.Server("ensemble", argv, port, env, tmp / "serve.log", members[0])
+        per_round: dict[str, list[float]] = {name: [] for name in variants}
+        try:
+            for rnd in range(rounds):
+                for name in list(variants)[:: 1 if rnd % 2 == 0 else -1]:
+                    script, path, requests = variants[name]
+                    result = http_bench.load_wrk(port, 8, seconds, script, path)
+                    if result["errors"]:
+                        raise RuntimeError(f"{name}: {result['errors']} failed requests")
+                    per_round[name].append(result["rps"] / requests)
+        finally:
+            server.stop()
+    return {name: float(np.median(v)) for name, v in per_round.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="sklearn:digits,sklearn:breast_cancer")
@@ -121,6 +173,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=0.5, help="time per measurement")
+    ap.add_argument("--http-members", type=int, default=5, help="K of the HTTP comparison")
+    ap.add_argument("--http-seconds", type=float, default=5.0, help="wrk time per measurement")
     args = ap.parse_args()
     sources = args.data.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -151,7 +205,12 @@ def main() -> None:
     assert serving_run is not None
     serving = serving_rows(serving_run, sizes, args.rounds, args.seconds)
     print(f"\nserving {sources[0]} (load average {os.getloadavg()[0]:.1f})")
-    print(table(serving, "one member"))
+    print(table(serving, "one member"), flush=True)
+    http = http_rows(serving_run, args.http_members, args.rounds, args.http_seconds)
+    print(f"\nover HTTP, one worker (load average {os.getloadavg()[0]:.1f})")
+    print("| served as | predictions/s | / one member's |\n|---|---|---|")
+    for name, rate in http.items():
+        print(f"| {name} | {rate:,.0f} | {rate / http['one member']:.2f}x |")
 
 
 if __name__ == "__main__":

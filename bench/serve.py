@@ -97,7 +97,15 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, name: str, argv: list[str], port: int, env: dict[str, str], log: Path):
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        port: int,
+        env: dict[str, str],
+        log: Path,
+        ready_path: str = "/predict",
+    ):
         self.name, self.port = name, port
         self.grpc_port = 0
         self.proc = subprocess.Popen(
@@ -108,7 +116,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{name} exited:\n{log.read_text()[-3000:]}")
             try:
-                status, _ = post(port, BODY)
+                status, _ = post(port, BODY, ready_path)
                 if status == 200:
                     return
             except OSError:
@@ -252,8 +260,9 @@ ROUTES = {"/predict": "simple", "/v2/models/mlp/infer": "v2"}
 MODES = ("keep-alive", "new connection")
 
 
-def wrk_script(path: Path, body: bytes, close: bool) -> Path:
-    """A wrk Lua script POSTing `body`; `close` asks for a new connection per request."""
+def wrk_script(path: Path, body: bytes, close: bool, paths: list[str] | None = None) -> Path:
+    """A wrk Lua script POSTing `body`; `close` asks for a new connection per request; `paths`
+    (when given) are requested in turn, one after the other, on each connection."""
     escaped = body.decode().replace('"', '\\"')
     lines = [
         'wrk.method = "POST"',
@@ -262,6 +271,15 @@ def wrk_script(path: Path, body: bytes, close: bool) -> Path:
     ]
     if close:
         lines.append('wrk.headers["Connection"] = "close"')
+    if paths:
+        lines += [
+            "paths = {" + ", ".join(f'"{p}"' for p in paths) + "}",
+            "i = 0",
+            "request = function()",
+            "  i = i % #paths + 1",
+            "  return wrk.format(nil, paths[i])",
+            "end",
+        ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
