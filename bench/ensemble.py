@@ -134,7 +134,9 @@ def http_rows(run: EnsembleResult, k: int, rounds: int, seconds: float) -> dict[
             convert_checkpoint(tmp / f"m{i}.npz", repo / f"member{i}" / "1" / "model.onnx")
         part = EnsembleResult(run.config, run.members[:k], run.seeds[:k], {})
         manifest = write_ensemble(
-            part, tmp / "ens", lambda r, folder: save_checkpoint(r.checkpoint, folder / "c.npz")
+            part,
+            tmp / "ens",
+            lambda r, folder: save_checkpoint(r.checkpoint, folder / "checkpoint.npz"),
         )
         (repo / "fused" / "1").mkdir(parents=True)
         convert_ensemble(manifest, repo / "fused" / "1" / "model.onnx")
