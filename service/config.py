@@ -29,6 +29,13 @@ DEFAULT_CHUNK_ROWS = 65536
 # gunicorn does when a worker cannot boot (service/gunicorn_conf.py GrpcProcesses).
 GRPC_BOOT_ERROR = 3
 
+
+def grpc_heartbeat_path(runtime_dir: str, pid: int) -> Path:
+    """The file gRPC process `pid` touches while its threads take work (service/grpc_server.py
+    `Heartbeat`): the master kills one whose file is older than --timeout."""
+    return Path(runtime_dir) / f"grpc-heartbeat-{pid}"
+
+
 _CGROUP_V2_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 _CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
 _CGROUP_V1_PERIOD = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")

@@ -2,8 +2,10 @@
 (grpc.health.v1.Health, Check) on `--grpc-port`, next to the gunicorn workers.
 
 The gunicorn master starts `--grpc-workers` of these (`python -m bnserve.service.grpc_server
-RUNTIME_DIR`, a fresh interpreter: nothing inherited from the master), restarts one that dies and
-stops them with the workers (service/gunicorn_conf.py `GrpcProcesses`). Each builds the app a
+RUNTIME_DIR`, a fresh interpreter: nothing inherited from the master), restarts one that dies,
+kills one that stops touching its heartbeat file for --timeout seconds (`Heartbeat`: frozen, or
+every thread stuck in a call) and stops them with the workers (service/gunicorn_conf.py
+`GrpcProcesses`). Each builds the app a
 worker builds (`create_app`: the models from the store's copies, the bearer tokens, metrics, the
 state follower) and answers gRPC from that state on a pool of real threads; it never serves
 HTTP. So a gRPC call is served with the same registry code, the same hot reload, token reload
@@ -35,13 +37,19 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from bnserve.errors import BnserveError
 from bnserve.service import grpc_api
-from bnserve.service.config import GRPC_BOOT_ERROR, ServiceConfig, bracketed
+from bnserve.service.config import (
+    GRPC_BOOT_ERROR,
+    ServiceConfig,
+    bracketed,
+    grpc_heartbeat_path,
+)
 from bnserve.service.errors import grpc_status
 from bnserve.service.logs import SANE_REQUEST_ID, configure_logging
 from bnserve.service.reload import ModelStore
@@ -65,8 +73,11 @@ class GrpcServer:
         self.worker = grpc_api.Worker(gateway.registry, config, gateway.store)
         self._prefix = os.urandom(6).hex() + "-g"
         self._count = itertools.count(1)
+        self.executor = futures.ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix="bnserve-grpc"
+        )
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bnserve-grpc"),
+            self.executor,
             options=[
                 ("grpc.max_receive_message_length", config.max_body_bytes),
                 ("grpc.so_reuseport", 1),
@@ -157,6 +168,24 @@ def services() -> str:
     return ", ".join(service.full_name for service in grpc_api.SERVICES)
 
 
+class Heartbeat:
+    """Touches the heartbeat file from the server's own thread pool, one touch queued at a time:
+    a process that is frozen, or whose every thread is stuck in a call, stops touching it, as a
+    gunicorn worker stuck in a request stops notifying its master."""
+
+    def __init__(self, path: Path, executor: futures.Executor) -> None:
+        self.path = path
+        self.executor = executor
+        self.pending: futures.Future | None = None
+
+    def tick(self) -> None:
+        if self.pending is None or self.pending.done():
+            self.pending = self.executor.submit(self.path.touch)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 # -- the process ---------------------------------------------------------------------------------
 
 
@@ -180,11 +209,15 @@ def serve(runtime_dir: str, poll: float = 1.0) -> int:
         log.exception("the gRPC server cannot start")
         return GRPC_BOOT_ERROR
     log.info("gRPC process %d serving %s on %s", os.getpid(), services(), server.address)
+    heartbeat = Heartbeat(grpc_heartbeat_path(runtime_dir, os.getpid()), server.executor)
+    heartbeat.tick()
     while not stopping.wait(poll):
         if os.getppid() != master:
             log.warning("the gunicorn master is gone: stopping the gRPC process")
             break
+        heartbeat.tick()
     server.stop().wait(config.timeout + 1)
+    heartbeat.remove()
     return 0
 
 

@@ -22,7 +22,12 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 from gunicorn.errors import HaltServer
 
-from bnserve.service.config import GRPC_BOOT_ERROR, ServiceConfig, bracketed
+from bnserve.service.config import (
+    GRPC_BOOT_ERROR,
+    ServiceConfig,
+    bracketed,
+    grpc_heartbeat_path,
+)
 from bnserve.service.errors import error_body
 from bnserve.service.metrics import mark_dead
 from bnserve.service.reload import ModelStore, RepositoryPoller
@@ -128,7 +133,8 @@ class GrpcProcesses:
     """The gRPC processes (`python -m bnserve.service.grpc_server RUNTIME_DIR`, --grpc-workers of
     them), kept by the master as it keeps its workers: started once gunicorn listens, started
     again when one dies (after 1 s, doubling up to 30 s while they keep dying within 10 s of
-    starting), stopped with the workers. One that cannot start serving (exit status 3: a port
+    starting), killed (then started again) when its heartbeat file is older than --timeout, as
+    gunicorn kills a silent worker, stopped with the workers. One that cannot start serving (exit status 3: a port
     it cannot bind, say) halts the server, as a worker that cannot boot does."""
 
     BACKOFF = (1.0, 30.0)
@@ -167,6 +173,7 @@ class GrpcProcesses:
                 continue
             del self.procs[slot]
             mark_dead(proc.pid)  # its counters join the archive
+            grpc_heartbeat_path(self.config.runtime_dir, proc.pid).unlink(missing_ok=True)
             code = proc.returncode = os.waitstatus_to_exitcode(status)
             if self.stopping:
                 continue
@@ -177,6 +184,28 @@ class GrpcProcesses:
             short = lived < self.SHORT_LIFE
             self.backoff = min(self.backoff * 2, self.BACKOFF[1]) if short else self.BACKOFF[0]
             self.next_start = time.monotonic() + (self.backoff if short else 0.0)
+
+    def kill_silent(self) -> None:
+        """SIGKILL each process whose heartbeat is older than --timeout (reap starts another);
+        one still starting (no heartbeat yet) is left to boot."""
+        for proc, _ in self.procs.values():
+            try:
+                silent = (
+                    time.time()
+                    - grpc_heartbeat_path(self.config.runtime_dir, proc.pid).stat().st_mtime
+                )
+            except OSError:
+                continue
+            if silent > self.config.timeout and proc.poll() is None:
+                log.error(
+                    "gRPC process %d took no work for %.0f s (frozen, or every thread stuck in a "
+                    "call; --timeout %d): killing it",
+                    proc.pid,
+                    silent,
+                    self.config.timeout,
+                )
+                with contextlib.suppress(OSError):
+                    proc.kill()
 
     def signal(self, sig: int) -> None:
         """Send `sig` to every gRPC process (SIGTERM: stop gracefully), and start no more."""
@@ -304,6 +333,7 @@ class BnserveArbiter(Arbiter):
                 self.log.exception("repository poll failed")
         self.start_reload_runner()
         if self.grpc is not None:
+            self.grpc.kill_silent()
             self.grpc.reap()
             self.grpc.start()
         if self.drain_deadline is not None and time.monotonic() >= self.drain_deadline:

@@ -6,6 +6,7 @@ and the gRPC processes' lifecycle (restart, drain, stop, a killed master)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -396,6 +397,39 @@ def test_a_grpc_process_does_not_outlive_a_killed_master(model_repo: Path, tmp_p
     live.proc.wait()
     assert wait_for(lambda: gone(grpc_pid), timeout=10)
     assert "the gunicorn master is gone" in live.log()
+
+
+def test_a_frozen_grpc_process_is_killed_and_replaced(model_repo: Path, tmp_path: Path) -> None:
+    """A gRPC process that takes no work for --timeout seconds (here frozen by SIGSTOP; every
+    thread stuck in a call looks the same to the master) is killed and a new one serves."""
+    model = model_repo / "clf" / "1" / "model.onnx"
+    args = [str(model), "--model-name", "clf", "--workers", "1", "--timeout", "2"]
+    live = start_server(args, tmp_path / "serve.log", {}, grpc=True)
+    try:
+        (frozen,) = live.grpc_pids()
+        with tg.InferenceServerClient(live.grpc_url) as c:
+            assert c.is_model_ready("clf")
+        os.kill(frozen, signal.SIGSTOP)
+        assert wait_for(lambda: set(live.grpc_pids()) - {frozen}, timeout=20)
+        assert wait_for(lambda: gone(frozen), timeout=10)
+        with tg.InferenceServerClient(live.grpc_url) as c:
+            assert wait_for(lambda: _ready(c), timeout=20)
+            assert c.infer("clf", [raw_input(X)]).as_numpy("probabilities").shape == (3, 3)
+        assert f"gRPC process {frozen} took no work for" in live.log()
+        # while the new one serves, the master leaves it alone: it touches its heartbeat
+        (serving,) = live.grpc_pids()
+        assert not wait_for(lambda: serving not in live.grpc_pids(), timeout=4)
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(frozen, signal.SIGCONT)
+        stop_server(live)
+
+
+def _ready(c: tg.InferenceServerClient) -> bool:
+    try:
+        return c.is_model_ready("clf")
+    except InferenceServerException:
+        return False
 
 
 def gone(pid: int) -> bool:
