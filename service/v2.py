@@ -338,9 +338,12 @@ def triton_config(model: ModelVersions, runtime: ModelRuntime, max_batch: int) -
         "max_batch_size": max_batch,
         "input": tensors(metadata["inputs"]),
         "output": tensors(metadata["outputs"]),
+        # the metadata's parameters (labels, default version, training profile...), each as
+        # the text Triton's string parameters hold: JSON unless it is text already
         "parameters": {
-            "labels": {"string_value": json_text(list(runtime.labels))},
-            "default_version": {"string_value": str(model.default)},
+            key: {"string_value": value if isinstance(value, str) else json_text(value)}
+            for key, value in metadata["parameters"].items()
+            if value is not None
         },
     }
 

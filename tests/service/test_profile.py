@@ -4,6 +4,8 @@ checked against it: flagged in the answer, counted, ignored or refused."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from bnserve.cli import main
@@ -40,6 +42,9 @@ def test_inspect_and_v2_metadata_show_it(iris_model, capsys) -> None:
     client = create_app({"model": str(iris_model[1])}).test_client()
     profile = client.get("/v2/models/iris").get_json()["parameters"]["profile"]
     assert len(profile["inputs"]) == 4
+    # Triton's model configuration carries it too, as the JSON text of a string parameter
+    config = client.get("/v2/models/iris/config").get_json()
+    assert json.loads(config["parameters"]["profile"]["string_value"]) == profile
 
 
 def test_out_of_range_inputs_are_flagged_counted_or_refused(iris_model) -> None:
