@@ -125,7 +125,7 @@ def _pieces(path: Path) -> list[_Piece]:
     only where an even number of quote characters precedes it (outside any quoted cell, as
     doubled quotes inside one come in pairs); read_csv reads the body as one piece when a
     parallel parse fails, so a stray quote in an unquoted cell costs speed, never a wrong row."""
-    body = _whole_body(path, 0).start
+    body = _body_start(path)
     size = path.stat().st_size
     if body >= size:
         raise DataError(f"{path}: only a header row, no data")

@@ -39,6 +39,15 @@ def _small_pieces(monkeypatch) -> None:
     monkeypatch.setattr(reading, "PIECE_BYTES", 97)
 
 
+def _no_fallback(monkeypatch) -> None:
+    """Fail if a parallel parse is redone on the whole body: the cuts must be right already."""
+
+    def refuse(*_):
+        raise AssertionError("a cut split a row: the body was read again as one piece")
+
+    monkeypatch.setattr(reading, "_whole_body", refuse)
+
+
 def test_csv_and_parquet_give_the_same_data_set(tmp_path, monkeypatch) -> None:
     _small_pieces(monkeypatch)
     X, y = _frame()
@@ -104,6 +113,7 @@ def test_pieces_cut_at_line_breaks_only_outside_quoted_cells(tmp_path, monkeypat
     """Cut into pieces smaller than a row, a file with quoted cells holding line breaks, commas
     and doubled quotes, blank lines, and any line ending reads as the csv module reads it."""
     _small_pieces(monkeypatch)
+    _no_fallback(monkeypatch)
     rng = np.random.default_rng(3)
     lines = ["n,note,x,label"]
     for i in range(400):
@@ -144,3 +154,47 @@ def test_pieces_bound_the_rows_and_place_them_in_order(tmp_path, monkeypatch) ->
     table = reading.read_csv(path, ("",), ("label",), np.dtype(np.float32))
     np.testing.assert_array_equal(table.columns[0], [*range(100), 7])
     assert table.columns[0].dtype == np.float32
+
+
+def _random_csv(rng: np.random.Generator) -> bytes:
+    """A CSV the way real files come: quoted cells holding commas, doubled quotes and line breaks,
+    empty cells, blank lines, a byte-order mark, CRLF or LF line ends, numbers in several forms."""
+    newline = ["\n", "\r\n"][rng.integers(2)]
+
+    def cell(kind: str) -> str:
+        if rng.random() < 0.08:
+            return ""
+        if kind == "number":
+            return [f"{rng.normal():.6g}", str(int(rng.integers(-50, 50))), f"{rng.normal():e}"][
+                rng.integers(3)
+            ]
+        text = "".join(rng.choice(list('ab ,"\n;xyz'), size=int(rng.integers(1, 8))))
+        return '"' + text.replace('"', '""') + '"' if set(text) & set(',"\n') else text
+
+    kinds = [["number", "text"][rng.integers(2)] for _ in range(int(rng.integers(2, 6)))]
+    lines = [",".join(f"c{j}" for j in range(len(kinds)))]
+    for _ in range(int(rng.integers(20, 200))):
+        lines.append(",".join(cell(k) for k in kinds))
+        if rng.random() < 0.05:
+            lines.append("")
+    body = newline.join(line.replace("\n", newline) for line in lines) + newline
+    return ("\ufeff" if rng.random() < 0.3 else "").encode() + body.encode()
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_random_real_world_csvs_read_as_the_csv_module_reads_them(tmp_path, monkeypatch, seed):
+    """Differential test: the parallel reader against Python's csv module on generated files."""
+    _small_pieces(monkeypatch)
+    _no_fallback(monkeypatch)
+    path = tmp_path / "random.csv"
+    path.write_bytes(_random_csv(np.random.default_rng(seed)))
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = [r for r in csv.reader(f) if r]
+    header, expected = rows[0], [list(c) for c in zip(*rows[1:], strict=True)]
+    table = reading.read_csv(path, ("",), (), np.dtype(np.float64))
+    assert table.names == header and table.n_rows == len(rows) - 1
+    for name, got, want in zip(header, table.columns, expected, strict=True):
+        if isinstance(got, np.ndarray):
+            np.testing.assert_array_equal(got, [float(v) if v else np.nan for v in want], name)
+        else:
+            assert got == [v.strip() for v in want], name
