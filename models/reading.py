@@ -1,5 +1,6 @@
-"""Reading a training table at library speed: CSV with pyarrow's streaming reader, Parquet with
-pyarrow.parquet, both block by block into arrays allocated once.
+"""Reading a training table at library speed: a CSV cut at line breaks into pieces that threads
+parse with pyarrow's streaming reader (`read_csv`), Parquet with pyarrow.parquet batch by batch,
+both into arrays allocated once.
 
 pyarrow parses each column in native code (no Python float per cell); README ("Large files")
 has the measured speed and memory next to pandas. Numeric columns come back as
