@@ -23,7 +23,9 @@ service/errors.py `GRPC_STATUS` with the message as details, an unexpected excep
 `bnserve_grpc_request_duration_seconds{method}`, and one access-log line.
 
 A message over --max-body-mb is refused by grpc itself (RESOURCE_EXHAUSTED) before any handler
-runs; more rows than --max-batch is RESOURCE_EXHAUSTED from the decoder (HTTP: 413).
+runs; more rows than --max-batch is RESOURCE_EXHAUSTED from the decoder (HTTP: 413). Messages
+are parsed in the handler, after the token check: bytes that are not the method's message are
+INVALID_ARGUMENT (grpc's own parsing would answer INTERNAL, uncounted).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from bnserve.errors import BnserveError
 from bnserve.service import grpc_api
@@ -87,7 +90,9 @@ class GrpcServer:
             handlers = {
                 method.name: grpc.unary_unary_rpc_method_handler(
                     self._handler(method),
-                    request_deserializer=method.request_class.FromString,
+                    # parsed in the handler: a malformed message is the client's error
+                    # (INVALID_ARGUMENT, counted and logged), not grpc's INTERNAL
+                    request_deserializer=None,
                     response_serializer=method.response_class.SerializeToString,
                 )
                 for method in grpc_api.METHODS
@@ -106,7 +111,7 @@ class GrpcServer:
         empty = method.response_class
         path = method.path
 
-        def handle(request: Any, context: Any) -> Any:
+        def handle(payload: bytes, context: Any) -> Any:
             start = time.perf_counter()
             request_id = authorization = None
             for key, value in context.invocation_metadata():
@@ -122,7 +127,7 @@ class GrpcServer:
                 auth = None if open_ else gateway.auth
                 if auth is not None and auth.challenge(authorization) is not None:
                     raise _Refusal("UNAUTHENTICATED", UNAUTHENTICATED)
-                response, code = self._call(method, request), "OK"
+                response, code = self._call(method, parse(method, payload)), "OK"
             except _Refusal as refusal:
                 response, code = empty(), refusal.code
                 context.set_code(grpc.StatusCode[code])
@@ -156,6 +161,15 @@ class GrpcServer:
         """Refuse new calls now; calls under way have `grace` seconds (default: the graceful
         timeout) to finish. The event is set once the server has stopped."""
         return self.server.stop(self.config.timeout if grace is None else grace)
+
+
+def parse(method: grpc_api.Method, payload: bytes) -> Any:
+    """The method's request message from the wire (_Refusal INVALID_ARGUMENT if it is not one)."""
+    try:
+        return method.request_class.FromString(payload)
+    except DecodeError as exc:
+        name = method.request_class.DESCRIPTOR.full_name
+        raise _Refusal("INVALID_ARGUMENT", f"not a valid {name} message ({exc})") from None
 
 
 class _Refusal(Exception):

@@ -333,6 +333,24 @@ def test_grpc_calls_are_counted_and_logged(server: LiveServer) -> None:
     assert '"status":"NOT_FOUND"' in log and '"protocol":"grpc"' in log
 
 
+def test_a_malformed_message_is_invalid_argument_counted_and_logged(server: LiveServer) -> None:
+    """Bytes that are no ModelInferRequest are the client's error, not the server's: grpc's own
+    deserializer would answer INTERNAL before any handler, uncounted and unlogged."""
+    before = metrics(server.url)
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        for payload in (b"\xff\xff\xff\xff", b"\x12" + b"\x80" * 20):  # bad tag, overlong varint
+            with pytest.raises(grpc.RpcError) as caught:
+                infer(payload, timeout=10)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "not a valid inference.ModelInferRequest message" in caught.value.details()
+    after = metrics(server.url)
+    name = "bnserve_grpc_requests_total"
+    labels = {"method": "ModelInfer", "code": "INVALID_ARGUMENT"}
+    assert sample(after, name, **labels) - sample(before, name, **labels) == 2
+    assert client(server).infer("clf", [raw_input(X)]).as_numpy("probabilities").shape == (3, 3)
+
+
 def test_only_the_grpc_process_loads_grpc(server: LiveServer) -> None:
     """grpc starts threads: neither the gunicorn master (its forked workers would inherit them)
     nor the gevent workers load it; the gRPC process, a fresh interpreter, serves it."""
