@@ -81,6 +81,7 @@ class GrpcServer:
         )
         self.server = grpc.server(
             self.executor,
+            maximum_concurrent_rpcs=config.grpc_max_calls,
             options=[
                 ("grpc.max_receive_message_length", config.max_body_bytes),
                 ("grpc.so_reuseport", 1),

@@ -229,6 +229,14 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         "of gRPC traffic per process)",
         _env("GRPC_WORKERS"),
     ),
+    Option(
+        "grpc-max-calls",
+        positive_int,
+        128,
+        "calls one gRPC process holds at once, running or waiting for a thread; more are "
+        "refused at once with RESOURCE_EXHAUSTED (a flood cannot queue without bound)",
+        _env("GRPC_MAX_CALLS"),
+    ),
     Option("max-batch", positive_int, 64, "most rows per request", _env("MAX_BATCH")),
     Option(
         "max-body-mb",

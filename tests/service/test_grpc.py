@@ -443,6 +443,36 @@ def test_a_frozen_grpc_process_is_killed_and_replaced(model_repo: Path, tmp_path
         stop_server(live)
 
 
+def test_calls_beyond_grpc_max_calls_are_refused_at_once(model_repo: Path, tmp_path: Path) -> None:
+    """A flood of calls does not queue without bound: beyond --grpc-max-calls held at once,
+    grpc refuses with RESOURCE_EXHAUSTED; the calls it holds are answered."""
+    model = model_repo / "clf" / "1" / "model.onnx"
+    args = [str(model), "--model-name", "clf", "--workers", "1", "--grpc-max-calls", "1"]
+    live = start_server([*args, "--max-batch", "400000"], tmp_path / "serve.log", {}, grpc=True)
+    try:
+        rows = np.random.default_rng(0).normal(size=(400_000, N_FEATURES)).astype(np.float32)
+        request = service_pb2.ModelInferRequest(model_name="clf")
+        request.inputs.add(name="input", datatype="FP32", shape=list(rows.shape))
+        request.raw_input_contents.append(rows.tobytes())  # tens of ms a call
+        unlimited = [("grpc.max_receive_message_length", -1)]  # answers of 9.6 MB
+        channel = grpc.insecure_channel(live.grpc_url, options=unlimited)
+        infer = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+        calls = [infer.future(request, timeout=60) for _ in range(12)]
+        codes = []
+        for call in calls:
+            try:
+                call.result()
+                codes.append("OK")
+            except grpc.RpcError as exc:
+                codes.append(exc.code().name)
+        assert set(codes) == {"OK", "RESOURCE_EXHAUSTED"}, codes
+        refused = next(c for c in calls if c.code() == grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert "limit" in refused.details().lower()
+        channel.close()
+    finally:
+        stop_server(live)
+
+
 def _ready(c: tg.InferenceServerClient) -> bool:
     try:
         return c.is_model_ready("clf")
