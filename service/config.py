@@ -102,6 +102,7 @@ class ServiceConfig:
     grpc_port: int = 8001  # the Open Inference Protocol over gRPC; 0: no gRPC server
     grpc_workers: int = 1  # gRPC processes (service/grpc_server.py)
     grpc_max_calls: int = 128  # calls a gRPC process holds at once; more: RESOURCE_EXHAUSTED
+    grpc_max_connection_age: float = 300.0  # seconds before a gRPC connection is closed; 0: never
     max_batch: int = 64
     max_body_bytes: int = 16 * 1024 * 1024
     output_kind: str = "auto"

@@ -147,6 +147,7 @@ class Gateway:
                 seconds,
                 len(body),
                 trace_id=None if trace is None else trace[0],
+                peer=f"{environ.get('REMOTE_ADDR')}:{environ.get('REMOTE_PORT')}",
             )
         return [body]
 

@@ -85,6 +85,7 @@ class GrpcServer:
             options=[
                 ("grpc.max_receive_message_length", config.max_body_bytes),
                 ("grpc.so_reuseport", 1),
+                *connection_age(config.grpc_max_connection_age, config.timeout),
             ],
         )
         for service in grpc_api.SERVICES:
@@ -141,7 +142,15 @@ class GrpcServer:
                 metrics.observe_grpc(method.name, code, seconds)
             if gateway.access_log is not None:
                 gateway.access_log.write(
-                    request_id, "POST", path, path, code, seconds, response.ByteSize(), "grpc"
+                    request_id,
+                    "POST",
+                    path,
+                    path,
+                    code,
+                    seconds,
+                    response.ByteSize(),
+                    "grpc",
+                    peer=context.peer().partition(":")[2],  # "ipv4:ADDRESS:PORT"
                 )
             return response
 
@@ -162,6 +171,17 @@ class GrpcServer:
         """Refuse new calls now; calls under way have `grace` seconds (default: the graceful
         timeout) to finish. The event is set once the server has stopped."""
         return self.server.stop(self.config.timeout if grace is None else grace)
+
+
+def connection_age(seconds: float, grace: float) -> list[tuple[str, int]]:
+    """grpc's options that close a connection `seconds` after it opened (a GOAWAY: the client
+    reconnects, perhaps to another process or pod) with `grace` seconds for calls under way."""
+    if seconds <= 0:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", int(seconds * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(grace * 1000)),
+    ]
 
 
 def parse(method: grpc_api.Method, payload: bytes) -> Any:

@@ -33,8 +33,9 @@ def configure_logging(level: str) -> None:
 
 class AccessLog:
     """One JSON object per line on stderr: time, request id, method, path, route, status, ms,
-    protocol. A gRPC call is logged with method POST (as it travels), its full method name as
-    path and route, and its status code name ("OK", "NOT_FOUND") as status."""
+    protocol, and the client's address and port (`peer`). A gRPC call is logged with method POST
+    (as it travels), its full method name as path and route, and its status code name ("OK",
+    "NOT_FOUND") as status."""
 
     def __init__(self, fd: int = 2) -> None:
         self.fd = fd
@@ -51,6 +52,7 @@ class AccessLog:
         size: int,
         protocol: str = "http",
         trace_id: str | None = None,
+        peer: str | None = None,
     ) -> None:
         line = orjson.dumps(
             {
@@ -67,6 +69,7 @@ class AccessLog:
                 "bytes": size,
                 "pid": self.pid,
                 "protocol": protocol,
+                "peer": peer,
             },
             option=orjson.OPT_APPEND_NEWLINE,
         )

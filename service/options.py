@@ -237,6 +237,15 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         "refused at once with RESOURCE_EXHAUSTED (a flood cannot queue without bound)",
         _env("GRPC_MAX_CALLS"),
     ),
+    Option(
+        "grpc-max-connection-age",
+        non_negative_seconds,
+        300.0,
+        "close a gRPC connection after this many seconds (calls under way get --timeout to "
+        "finish; the client reconnects), so long-lived clients spread over the gRPC processes "
+        "and the pods behind a Service (0: never)",
+        _env("GRPC_MAX_CONNECTION_AGE"),
+    ),
     Option("max-batch", positive_int, 64, "most rows per request", _env("MAX_BATCH")),
     Option(
         "max-body-mb",

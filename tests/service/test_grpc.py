@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -469,6 +470,31 @@ def test_calls_beyond_grpc_max_calls_are_refused_at_once(model_repo: Path, tmp_p
         refused = next(c for c in calls if c.code() == grpc.StatusCode.RESOURCE_EXHAUSTED)
         assert "limit" in refused.details().lower()
         channel.close()
+    finally:
+        stop_server(live)
+
+
+def test_connections_are_closed_at_their_max_age_and_clients_reconnect(
+    model_repo: Path, tmp_path: Path
+) -> None:
+    """--grpc-max-connection-age: one long-lived client channel is moved to new connections
+    (its calls arrive from new client ports), and no call fails on the way."""
+    model = model_repo / "clf" / "1" / "model.onnx"
+    args = [str(model), "--model-name", "clf", "--workers", "1", "--grpc-max-connection-age", "1"]
+    live = start_server(args, tmp_path / "serve.log", {}, grpc=True)
+    try:
+        with tg.InferenceServerClient(live.grpc_url) as c:
+            deadline = time.monotonic() + 4.5
+            while time.monotonic() < deadline:
+                assert c.infer("clf", [raw_input(X)]).as_numpy("probabilities").shape == (3, 3)
+                time.sleep(0.1)
+
+        def peers() -> set[str]:
+            lines = [json.loads(line) for line in live.log().splitlines() if '"grpc"' in line]
+            return {line["peer"] for line in lines if line["path"].endswith("/ModelInfer")}
+
+        assert wait_for(lambda: len(peers()) >= 3, timeout=5), peers()
+        assert all(p.startswith("127.0.0.1:") for p in peers())
     finally:
         stop_server(live)
 

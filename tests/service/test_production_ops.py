@@ -122,6 +122,8 @@ def test_request_id_is_honoured_generated_and_logged(ops: LiveServer) -> None:
     line = by_id["abc-123"]
     assert (line["method"], line["route"], line["status"]) == ("POST", "/predict", 200)
     assert line["duration_ms"] > 0 and line["level"] == "info" and line["bytes"] > 0
+    address, _, client_port = line["peer"].rpartition(":")
+    assert address == "127.0.0.1" and client_port.isdigit()  # who sent it
     assert by_id["req.42"]["route"] == "/v2"
     assert (by_id["lost-1"]["route"], by_id["lost-1"]["status"]) == ("unmatched", 404)
 
