@@ -214,7 +214,9 @@ def _parse_csv(
     convert.column_types = {
         name: pa.float64() if i in numeric else pa.string() for i, name in enumerate(header)
     }
-    block = np.empty((sum(p.lines for p in pieces), len(numeric)), dtype=dtype)
+    capacity = sum(p.lines for p in pieces)
+    _check_fits(path, capacity, len(numeric), np.dtype(dtype))
+    block = np.empty((capacity, len(numeric)), dtype=dtype)
     failed = threading.Event()
 
     def parse(piece: _Piece) -> tuple[int, dict[int, list[str]]]:
@@ -244,6 +246,34 @@ def _parse_csv(
     for i, out in texts.items():
         columns[i] = out
     return Table(header, columns, rows, block[:rows], tuple(header[i] for i in numeric))
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says can be allocated without swapping (MemAvailable), if it says."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _check_fits(path: Path, rows: int, columns: int, dtype: np.dtype) -> None:
+    """Refuse, with the way out, a table whose numeric arrays alone exceed the free memory: the
+    kernel would kill the process without a word (the rows are a bound: its line breaks)."""
+    need = rows * columns * dtype.itemsize
+    available = available_memory()
+    if available is None or need <= available:
+        return
+    gb = 1 << 30
+    smaller = " (or --dtype float32, half of it)" if dtype.itemsize == 8 else ""
+    raise DataError(
+        f"{path}: up to {rows:,} rows x {columns} numeric columns need {need / gb:.1f} GiB as "
+        f"{dtype.name}, and {available / gb:.1f} GiB of memory is available; `bnserve train "
+        f"--stream` trains on it out of core{smaller}"
+    )
 
 
 def _open_piece(

@@ -198,3 +198,20 @@ def test_random_real_world_csvs_read_as_the_csv_module_reads_them(tmp_path, monk
             np.testing.assert_array_equal(got, [float(v) if v else np.nan for v in want], name)
         else:
             assert got == [v.strip() for v in want], name
+
+
+def test_a_table_larger_than_the_free_memory_is_refused_with_the_way_out(tmp_path, monkeypatch):
+    """Before allocating: the line-break count bounds the rows, so a file whose arrays cannot fit
+    is refused with --stream named, instead of the kernel killing the process."""
+    X, y = _frame(n=300)
+    path = _write_csv(tmp_path / "d.csv", X, y)
+    monkeypatch.setattr(reading, "available_memory", lambda: 300 * 4 * 8 - 1)
+    with pytest.raises(
+        DataError,
+        match=r"need .* GiB as float64.*--stream` trains on it out of core \(or --dtype float32",
+    ):
+        load_dataset(path)
+    data = load_dataset(path, dtype=np.float32)  # half of it fits
+    assert data.X.shape == (300, 4)
+    monkeypatch.setattr(reading, "available_memory", lambda: None)  # not Linux: nothing to check
+    assert load_dataset(path).X.shape == (300, 4)
