@@ -345,6 +345,7 @@ def read_parquet(path: Path, missing_values: tuple[str, ...], dtype: np.dtype) -
     if len(set(names)) != len(names):
         raise DataError(f"{path}: duplicate column names")
     numeric = [i for i, f in enumerate(schema) if _is_number(f.type)]
+    _check_fits(path, rows, len(numeric), np.dtype(dtype))
     block = np.empty((rows, len(numeric)), dtype=dtype)
     texts: dict[int, list[str]] = {i: [] for i in range(len(names)) if i not in numeric}
     missing_text = missing_values[0] if missing_values else ""

@@ -213,5 +213,10 @@ def test_a_table_larger_than_the_free_memory_is_refused_with_the_way_out(tmp_pat
         load_dataset(path)
     data = load_dataset(path, dtype=np.float32)  # half of it fits
     assert data.X.shape == (300, 4)
+    parquet = tmp_path / "d.parquet"
+    columns = {"a": X[:, 0], "b": X[:, 1], "c": X[:, 2], "d": X[:, 3], "label": y}
+    pq.write_table(pa.table(columns), parquet)
+    with pytest.raises(DataError, match="--stream"):  # the row count is in its metadata
+        load_dataset(str(parquet))
     monkeypatch.setattr(reading, "available_memory", lambda: None)  # not Linux: nothing to check
     assert load_dataset(path).X.shape == (300, 4)
