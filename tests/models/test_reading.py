@@ -84,6 +84,10 @@ def test_errors_name_the_row_and_column(tmp_path, monkeypatch) -> None:
     infinite.write_text("a,b,label\n" + body + "inf,1,x\n")
     with pytest.raises(DataError, match=r"row 1002, column 'a': 'inf' is not a finite number"):
         load_dataset(str(infinite))
+    commented = tmp_path / "commented.csv"  # as matplotlib's sample Stocks.csv begins
+    commented.write_text("# Data source: somewhere\n" + "a,b,label\n" + body)
+    with pytest.raises(DataError, match=r"row 2 has 3 fields, expected 1 .*header starts with '#'"):
+        load_dataset(str(commented))
     binary = tmp_path / "bad.csv"
     binary.write_bytes(b"a,label\n\xff\xfe,1\n")
     with pytest.raises(DataError, match="UTF-8"):
