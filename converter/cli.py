@@ -128,6 +128,17 @@ def _fold_parser() -> argparse.ArgumentParser:
         "--probe",
         help="probe inputs (.npy, shaped like the model input) instead of seeded random rows",
     )
+    p.add_argument(
+        "--profile",
+        metavar="DATA",
+        help="the training data (CSV, Parquet, .npz or sklearn:NAME: its feature columns in the "
+        "model's input order) or a profile .json: stored as the model's training profile, so "
+        "bnserve serve flags out-of-range inputs and measures drift",
+    )
+    p.add_argument(
+        "--label",
+        help="with --profile DATA: the label column, left out of the profile (default: the last)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     return p
 
@@ -146,6 +157,8 @@ def fold_main(argv: list[str]) -> int:
         probe=args.probe,
         report_path=args.report,
         warn=warn,
+        profile=args.profile,
+        profile_label=args.label,
     )
     if not args.quiet:
         rep, pr = result.fold_report, result.parity_report

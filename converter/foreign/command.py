@@ -18,6 +18,7 @@ from bnserve.atomic import atomic_path, check_output_path, write_text_atomic
 from bnserve.converter import export, verify
 from bnserve.converter.foreign.checks import fold_model, refuse_unsafe
 from bnserve.converter.foreign.gate import fold_reference, load_foreign_model, probe_inputs
+from bnserve.converter.foreign.profile import training_profile
 from bnserve.errors import ModelError, ParityError, UsageError
 
 
@@ -47,8 +48,12 @@ def fold_onnx_file(
     probe: str | os.PathLike[str] | None = None,
     report_path: str | os.PathLike[str] | None = None,
     warn: Callable[[str], None] | None = None,
+    profile: str | None = None,
+    profile_label: str | None = None,
 ) -> FoldResult:
     """Fold, verify and write; raise a BnserveError (no model file written) on any refusal.
+    With `profile` (training data or a profile .json, converter/foreign/profile.py) the model
+    also carries the training profile and the feature names it names.
 
     The report (`report_path`) is written after a successful gate, and also when the gate fails
     (it is the diagnosis); never on a refusal."""
@@ -65,6 +70,9 @@ def fold_onnx_file(
     original = load_foreign_model(input_path)
     refuse_unsafe(original)  # before onnxruntime, which may reject such a node less clearly
     X = probe_inputs(original, probe)
+    described = (
+        {} if profile is None else _profile_metadata(original, profile, profile_label, X.shape[1])
+    )
     # refuse a model onnxruntime cannot run before any work
     verify.run_checked(export.serialize(original), X[:1], "disabled", "input model")
     folded, report = fold_model(original)
@@ -76,6 +84,7 @@ def fold_onnx_file(
         "bnserve.parity_report": "",
         "bnserve.fold_source_sha256": hashlib.sha256(Path(input_path).read_bytes()).hexdigest(),
         "bnserve.converter_version": __version__,
+        **described,
     }
     _set_metadata(folded, metadata)
     try:
@@ -96,6 +105,23 @@ def fold_onnx_file(
         if report_path is not None:
             write_text_atomic(report_path, _report_json(report, result.report))
     return FoldResult(output, report, result.report)
+
+
+def _profile_metadata(
+    model: onnx.ModelProto, source: str, label: str | None, n_features: int
+) -> dict[str, str]:
+    """`bnserve.profile` and `bnserve.feature_names` from --profile; names the model already
+    declares must be the profile's."""
+    profile, names = training_profile(source, label, n_features)
+    declared = {p.key: p.value for p in model.metadata_props}.get("bnserve.feature_names")
+    if declared and json.loads(declared) != names:
+        raise UsageError(
+            f"--profile {source} names the features {names}, the model {json.loads(declared)}"
+        )
+    return {
+        "bnserve.profile": export.to_json(profile),
+        "bnserve.feature_names": json.dumps(names, ensure_ascii=False),
+    }
 
 
 def _report_json(fold_report: dict[str, Any], parity: dict[str, Any]) -> str:

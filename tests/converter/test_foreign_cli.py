@@ -124,3 +124,51 @@ def test_fold_refuses_to_overwrite_its_input(tmp_path):
         assert result.returncode == 2 and "is the input model itself" in result.stderr
         assert src.read_bytes() == before
         assert not (tmp_path / "out.onnx").exists()
+
+
+def test_fold_profile_from_training_data_or_a_profile_file(tmp_path):
+    """--profile: the folded foreign model carries the training data's profile and feature
+    names, and the service flags its out-of-range inputs as for a model bnserve trained."""
+    from bnserve.models.data import load_dataset
+    from bnserve.models.profile import profile_of_features
+    from bnserve.service.app import create_app
+
+    src = _model(tmp_path)  # 4 float inputs, like iris
+    out = tmp_path / "out.onnx"
+    r = run_cli("fold", str(src), "-o", str(out), "--profile", "sklearn:iris", "-q")
+    assert r.returncode == 0, r.stderr
+    metadata = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    iris = load_dataset("sklearn:iris")
+    assert json.loads(metadata["bnserve.profile"]) == json.loads(
+        json.dumps(profile_of_features(iris.X, list(iris.feature_names)))
+    )
+    assert json.loads(metadata["bnserve.feature_names"]) == list(iris.feature_names)
+    inspected = tmp_path / "inspected.json"
+    inspected.write_text(run_cli("inspect", "--json", str(out)).stdout)
+    again = tmp_path / "again.onnx"  # the profile of one model given to another
+    assert run_cli("fold", str(src), "-o", str(again), "--profile", str(inspected)).returncode == 0
+    copied = {p.key: p.value for p in onnx.load(str(again)).metadata_props}
+    assert json.loads(copied["bnserve.profile"]) == json.loads(metadata["bnserve.profile"])
+
+    client = create_app({"model": str(out)}).test_client()
+    far = [100.0, 3.0, 4.0, 1.0]
+    (warning,) = client.post("/predict", json={"features": far}).get_json()["warnings"]
+    assert warning["input"] == "sepal length (cm)" and warning["value"] == 100.0
+    assert (
+        "warnings"
+        not in client.post("/predict", json={"features": [5.1, 3.5, 1.4, 0.2]}).get_json()
+    )
+
+
+def test_fold_profile_refusals(tmp_path):
+    src = _model(tmp_path)
+    out = str(tmp_path / "out.onnx")
+    _refused(tmp_path, str(src), "-o", out, "--profile", "sklearn:wine",
+             match="describes 13 inputs, the model takes 4 features")  # fmt: skip
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"inputs": [{"name": "a", "min": 0}]}')
+    _refused(tmp_path, str(src), "-o", out, "--profile", str(bad),
+             match="input 0 lacks count, mean, std, max, quantiles")  # fmt: skip
+    text = tmp_path / "text.csv"
+    text.write_text("a,b,c,d,label\n" + "".join(f"{i},x{i % 3},1,2,{i % 2}\n" for i in range(30)))
+    _refused(tmp_path, str(src), "-o", out, "--profile", str(text), match="reads numbers only")
