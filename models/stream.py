@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from bnserve.errors import DataError
+from bnserve.models import reading
 from bnserve.models.checkpoint import Checkpoint
 from bnserve.models.data import canonical_labels, class_order
 from bnserve.models.network import (
@@ -108,14 +109,22 @@ class Source:
     def _csv(self) -> Iterator[tuple[np.ndarray, list[str]]]:
         header = read_header(self.path)
         skip = header_line(self.path) + 1
-        read = pacsv.ReadOptions(column_names=header, skip_rows=skip, block_size=4 << 20)
+        read = pacsv.ReadOptions(
+            column_names=header, skip_rows=skip, block_size=reading.BLOCK_BYTES
+        )
+        # a quoted cell may hold a line break: pyarrow must not cut its blocks there (no cost
+        # measured on a file without quotes)
+        parse = pacsv.ParseOptions(newlines_in_values=True)
         types = {name: pa.float64() for name in self.features}
         convert = pacsv.ConvertOptions(
             column_types={**types, self.label: pa.string()},
             include_columns=[*self.features, self.label],
         )
         try:
-            for batch in pacsv.open_csv(self.path, read_options=read, convert_options=convert):
+            batches = pacsv.open_csv(
+                self.path, read_options=read, parse_options=parse, convert_options=convert
+            )
+            for batch in batches:
                 yield self._arrays(batch)
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             raise DataError(

@@ -155,3 +155,22 @@ def test_the_streamed_profile_is_the_training_rows_profile(tmp_path, monkeypatch
     assert first["count"] == expected["inputs"][0]["count"]  # exact, not the sample's size
     assert first["quantiles"] != expected["inputs"][0]["quantiles"]  # a 50-row sample's
     assert first["min"] <= first["quantiles"][0] <= first["quantiles"][-1] <= first["max"]
+
+
+def test_stream_reads_quoted_cells_with_line_breaks_across_blocks(tmp_path, monkeypatch) -> None:
+    """A quoted label holding a line break, in a file read in blocks far smaller than it: the
+    blocks are never cut inside the cell."""
+    from bnserve.models import reading
+
+    monkeypatch.setattr(reading, "BLOCK_BYTES", 64)
+    rng = np.random.default_rng(0)
+    lines = ["a,b,kind"]
+    for i in range(200):
+        label = '"two\nlines"' if i % 2 else "one"
+        lines.append(f"{rng.normal() + i % 2:.5f},{rng.normal():.5f},{label}")
+    path = tmp_path / "quoted.csv"
+    path.write_text("\n".join(lines) + "\n")
+    config = TrainConfig(epochs=1, hidden=(4,))
+    source = stream.open_source(str(path), config, 32)
+    labels = [t for _, chunk in source.chunks() for t in chunk]
+    assert len(labels) == 200 and set(labels) == {"one", "two\nlines"}
