@@ -66,3 +66,15 @@ def require_extra(module: str, extra: str, command: str) -> None:
             f"'bnserve {command}' needs the '{extra}' extra ({module} is not installed): "
             f"pip install 'bnserve[{extra}]'"
         ) from exc
+
+
+def comment_line_hint(**lines: list[str]) -> str:
+    """ "; the header starts with '#' ...": the likely cause of a CSV error when one of `lines`
+    (named by their role: header=..., row=...) is a comment line, which CSV does not have."""
+    for role, cells in lines.items():
+        if cells and cells[0].lstrip().startswith("#"):
+            return (
+                f"; the {role} starts with '#': CSV has no comment lines, so remove such lines "
+                "(or make the real header the first line)"
+            )
+    return ""

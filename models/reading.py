@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from bnserve.errors import DataError
+from bnserve.errors import DataError, comment_line_hint
 
 Column = np.ndarray | list[str]
 
@@ -417,23 +417,12 @@ def _explain(path: Path, header: list[str], exc: Exception) -> DataError:
                 if len(row) != len(header):
                     return DataError(
                         f"{path}: row {number} has {len(row)} fields, expected {len(header)} "
-                        f"(ragged row){_comment_hint(header, row)}"
+                        f"(ragged row){comment_line_hint(header=header, row=row)}"
                     )
     except UnicodeDecodeError as e:
         return DataError(f"{path}: not a UTF-8 text CSV file ({e})")
     first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return DataError(f"{path}: cannot parse as CSV ({first})")
-
-
-def _comment_hint(header: list[str], row: list[str]) -> str:
-    """Why a ragged row may not be the data's fault: a comment line, which CSV does not have."""
-    for what, cells in (("header", header), ("row", row)):
-        if cells and cells[0].lstrip().startswith("#"):
-            return (
-                f"; the {what} starts with '#': CSV has no comment lines, so remove such lines "
-                "(or make the real header the first line)"
-            )
-    return ""
 
 
 def column_text(column: Column, missing_text: str = "") -> list[str]:

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from bnserve.errors import BnserveError, DataError
+from bnserve.errors import BnserveError, DataError, comment_line_hint
 from bnserve.service.columns import (
     BOOLEAN,
     CATEGORICAL,
@@ -99,6 +99,7 @@ def select_columns(header: Sequence[str], info: ModelInfo, source: str | Path) -
         if missing:
             raise DataError(
                 f"{source}: the model's columns {missing} are missing (header: {header})"
+                + comment_line_hint(header=header)
             )
         wanted = {c.name for c in info.columns}
         ignored = [repr(h) for h in header if h not in wanted]
@@ -113,6 +114,7 @@ def select_columns(header: Sequence[str], info: ModelInfo, source: str | Path) -
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
         raise DataError(
             f"{source}: {len(missing)} of the model's feature columns are missing: {shown}"
+            + comment_line_hint(header=header)
         )
     if len(header) != n_features:
         raise DataError(f"{source}: {len(header)} columns, the model expects {n_features} features")

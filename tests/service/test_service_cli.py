@@ -182,6 +182,10 @@ def test_predict_npz_and_headerless_csv_agree(model: Path, tmp_path: Path) -> No
             "line 2, column 'f7': 'x' is not a number",
         ),
         (",".join(FEATURE_NAMES) + "\n1,2,3,4,5,6,7,nan\n", "row 0 has NaN or infinite values"),
+        (
+            "# exported by some tool\n" + ",".join(FEATURE_NAMES) + "\n1,2,3,4,5,6,7,8\n",
+            "missing: f0, f1, f2, f3, f4, ...; the header starts with '#': CSV has no comment lines",
+        ),
     ],
 )
 def test_predict_mismatched_columns_are_clear_errors(
