@@ -26,20 +26,39 @@ from bnserve.models.tabular import (
 QUANTILES = tuple(round(0.1 * i, 1) for i in range(1, 10))
 
 
+#: What a numeric input's profile holds besides its name (what the service reads back).
+NUMERIC_KEYS = ("count", "mean", "std", "min", "max", "quantiles")
+
+
+def _numeric(
+    name: str, count: int, mean: float, std: float, low: float, high: float, quantiles: Any
+) -> dict[str, Any]:
+    """One numeric input's profile entry, in the one layout both profiles write."""
+    values = (
+        count,
+        float(mean),
+        float(std),
+        float(low),
+        float(high),
+        [float(q) for q in quantiles],
+    )
+    return {"name": name, "kind": "numeric", **dict(zip(NUMERIC_KEYS, values, strict=True))}
+
+
 def numeric_entry(name: str, values: np.ndarray) -> dict[str, Any]:
     """The profile of one numeric input from its training values (NaN = missing)."""
     present = values[~np.isnan(values)].astype(np.float64)
-    entry: dict[str, Any] = {"name": name, "kind": "numeric", "count": len(present)}
     if len(present) == 0:
-        return entry
-    entry.update(
-        mean=float(present.mean()),
-        std=float(present.std()),
-        min=float(present.min()),
-        max=float(present.max()),
-        quantiles=[float(q) for q in np.quantile(present, QUANTILES)],
+        return {"name": name, "kind": "numeric", "count": 0}
+    return _numeric(
+        name,
+        len(present),
+        present.mean(),
+        present.std(),
+        present.min(),
+        present.max(),
+        np.quantile(present, QUANTILES),
     )
-    return entry
 
 
 #: Training rows the streaming profile keeps for its deciles (about 0.2% decile error, whatever
@@ -88,16 +107,15 @@ class StreamingProfile:
             return profile_of_features(self.sample, self.names)
         quantiles = np.quantile(self.sample, QUANTILES, axis=0)
         inputs = [
-            {
-                "name": name,
-                "kind": "numeric",
-                "count": self.n,
-                "mean": float(self.sum[j] / self.n),
-                "std": float(np.sqrt(variance[j])),
-                "min": float(self.min[j]),
-                "max": float(self.max[j]),
-                "quantiles": [float(q) for q in quantiles[:, j]],
-            }
+            _numeric(
+                name,
+                self.n,
+                self.sum[j] / self.n,
+                np.sqrt(variance[j]),
+                self.min[j],
+                self.max[j],
+                quantiles[:, j],
+            )
             for j, name in enumerate(self.names)
         ]
         return {"quantiles": list(QUANTILES), "inputs": inputs}

@@ -12,8 +12,6 @@ from typing import Any
 
 from bnserve.errors import UsageError
 
-NUMERIC_KEYS = ("count", "mean", "std", "min", "max", "quantiles")
-
 
 def training_profile(
     source: str, label: str | None, n_features: int
@@ -45,6 +43,8 @@ def training_profile(
 def _read_profile_file(path: Path) -> dict[str, Any]:
     """A profile document: {"quantiles": [...], "inputs": [{"name", "count", "mean", "std",
     "min", "max", "quantiles"}, ...]}, checked so the service can read every entry."""
+    from bnserve.models.profile import NUMERIC_KEYS  # pyarrow, through models: only when asked
+
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
