@@ -82,27 +82,41 @@ def accuracy_rows(
     return {k: {key: float(np.mean(v)) for key, v in f.items()} for k, f in per_k.items()}, first
 
 
+def convert_member(run: EnsembleResult, i: int, tmp: Path, out: Path) -> Path:
+    """Member `i` converted as a single model to `out` (its checkpoint saved under `tmp`)."""
+    save_checkpoint(run.members[i].checkpoint, tmp / f"m{i}.npz")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    convert_checkpoint(tmp / f"m{i}.npz", out)
+    return out
+
+
+def convert_fused(run: EnsembleResult, k: int, tmp: Path, out: Path) -> Path:
+    """The first `k` members as one fused graph at `out`, through their manifest (what `train
+    --ensemble K` writes and `bnserve convert ENSEMBLE` reads)."""
+    part = EnsembleResult(run.config, run.members[:k], run.seeds[:k], {})
+    manifest = write_ensemble(
+        part,
+        tmp / f"ens{k}",
+        lambda r, folder: save_checkpoint(r.checkpoint, folder / "checkpoint.npz"),
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    convert_ensemble(manifest, out)
+    return out
+
+
 def serving_rows(
     run: EnsembleResult, sizes: list[int], rounds: int, seconds: float
 ) -> dict[str, dict[str, float]]:
     """Latency and throughput of one member, and per K the fused graph and K sessions."""
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        singles = []
-        for i, member in enumerate(run.members[: max(sizes)]):
-            save_checkpoint(member.checkpoint, tmp / f"m{i}.npz")
-            convert_checkpoint(tmp / f"m{i}.npz", tmp / f"m{i}.onnx")
-            singles.append(session((tmp / f"m{i}.onnx").read_bytes()))
-        fused = {}
-        for k in sizes:
-            part = EnsembleResult(run.config, run.members[:k], run.seeds[:k], {})
-            manifest = write_ensemble(
-                part,
-                tmp / f"ens{k}",
-                lambda r, folder: save_checkpoint(r.checkpoint, folder / "checkpoint.npz"),
-            )
-            convert_ensemble(manifest, tmp / f"ens{k}.onnx")
-            fused[k] = session((tmp / f"ens{k}.onnx").read_bytes())
+        singles = [
+            session(convert_member(run, i, tmp, tmp / f"m{i}.onnx").read_bytes())
+            for i in range(min(max(sizes), len(run.members)))
+        ]
+        fused = {
+            k: session(convert_fused(run, k, tmp, tmp / f"ens{k}.onnx").read_bytes()) for k in sizes
+        }
     assert run.splits is not None
     rng = np.random.default_rng(0)
     X = run.splits.X_test.astype(np.float32)
@@ -128,18 +142,9 @@ def http_rows(run: EnsembleResult, k: int, rounds: int, seconds: float) -> dict[
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         repo = tmp / "repo"
-        for i, member in enumerate(run.members[:k]):
-            save_checkpoint(member.checkpoint, tmp / f"m{i}.npz")
-            (repo / f"member{i}" / "1").mkdir(parents=True)
-            convert_checkpoint(tmp / f"m{i}.npz", repo / f"member{i}" / "1" / "model.onnx")
-        part = EnsembleResult(run.config, run.members[:k], run.seeds[:k], {})
-        manifest = write_ensemble(
-            part,
-            tmp / "ens",
-            lambda r, folder: save_checkpoint(r.checkpoint, folder / "checkpoint.npz"),
-        )
-        (repo / "fused" / "1").mkdir(parents=True)
-        convert_ensemble(manifest, repo / "fused" / "1" / "model.onnx")
+        for i in range(min(k, len(run.members))):
+            convert_member(run, i, tmp, repo / f"member{i}" / "1" / "model.onnx")
+        convert_fused(run, k, tmp, repo / "fused" / "1" / "model.onnx")
         assert run.splits is not None
         http_bench.BODY = json.dumps({"features": run.splits.X_test[0].tolist()}).encode()
         members = [f"/models/member{i}/predict" for i in range(k)]
